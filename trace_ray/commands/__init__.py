@@ -1,0 +1,1 @@
+"""Subcommands of ``trace-ray``; see ``trace_ray.cli``."""

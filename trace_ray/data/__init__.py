@@ -1,0 +1,1 @@
+"""Readers to the canonical record schema, and the synthetic SynthShift world."""

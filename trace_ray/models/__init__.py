@@ -1,0 +1,1 @@
+"""Model and tokenizer loading: HF folders or ids, GGUF files, and tiny local models for tests."""
