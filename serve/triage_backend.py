@@ -1,0 +1,94 @@
+"""The online triage deployment: the policy's rules run here, on the same code as offline triage.
+
+Pairs go through ``trace_ray.triage.triage_records`` and single responses through
+``Policy.check``, so an answer over HTTP equals the offline ``trace-ray triage`` answer for the
+same row. A ``judge`` rule's answers come from an LLM deployment (``judge``: a handle to an
+``HFGenerator``), asked once per response for the whole request batch. ``callable`` rules are
+refused: a policy served over HTTP runs no user-supplied Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from ray import serve
+
+
+class PolicyRefused(ValueError):
+    pass
+
+
+def refuse_callables(policy) -> None:
+    if policy.has_callable:
+        names = [r.name for r in policy.rules if r.kind == "callable"]
+        raise PolicyRefused(
+            f"policy {policy.fingerprint}: callable rules ({', '.join(names)}) are not allowed in the "
+            "server; use them in `trace-ray triage` jobs, or replace them with regex/keywords/meta/judge rules"
+        )
+
+
+class TriageServer:
+    def __init__(self, policy_spec: dict, judge=None):
+        from ray.serve.metrics import Counter
+
+        from trace_ray.policy import load_policy
+
+        self.policy = load_policy(policy_spec)
+        refuse_callables(self.policy)
+        self.judge = judge
+        self.rule = self.policy.judge_rule
+        if self.rule is not None and judge is None:
+            raise PolicyRefused(f"policy {self.policy.fingerprint} has a judge rule but no judge deployment")
+        self.verdicts = Counter("trace_serve_verdicts", description="triage verdicts by kind",
+                                tag_keys=("kind", "verdict"))
+
+    async def _judge(self, prompts: list[str], responses: list[str]) -> list[str | None]:
+        """Raw judge answers, one per (prompt, response); None where the judge failed."""
+        from trace_ray.policy.judge import judge_messages
+
+        reqs = [{"messages": judge_messages(self.rule, p, r), "max_tokens": self.rule.max_new_tokens,
+                 "temperature": 0.0, "top_p": 1.0, "stop": [], "model": None}
+                for p, r in zip(prompts, responses)]
+        outs = await asyncio.gather(*(self.judge.generate.remote(q) for q in reqs), return_exceptions=True)
+        return [o.get("text") if isinstance(o, dict) else None for o in outs]
+
+    async def run(self, items: list[dict]) -> list[dict]:
+        """Items as validated by ``serve.schemas.TriageItem`` (dicts) → one result per item."""
+        from trace_ray.data.schema import row_id
+        from trace_ray.triage import triage_records
+
+        pairs = [i for i, it in enumerate(items) if it.get("response") is None]
+        singles = [i for i, it in enumerate(items) if it.get("response") is not None]
+        out: list[dict | None] = [None] * len(items)
+        if pairs:
+            records = []
+            for i in pairs:
+                it = items[i]
+                records.append({"id": it.get("id") or row_id(it["prompt"], it["chosen"], it["rejected"]),
+                                "prompt": it["prompt"], "chosen": it["chosen"], "rejected": it["rejected"],
+                                "meta": json.dumps(it.get("meta") or {})})
+            answers = None
+            if self.rule is not None:
+                flat = await self._judge([r["prompt"] for r in records for _ in (0, 1)],
+                                         [r[k] for r in records for k in ("chosen", "rejected")])
+                answers = {"judge_chosen": flat[0::2], "judge_rejected": flat[1::2]}
+            for i, row in zip(pairs, triage_records(self.policy, records, judge_answers=answers)):
+                res = {k: row[k] for k in ("id", "chosen_verdict", "rejected_verdict", "category", "policy")}
+                res["reasons"] = json.loads(row["reasons"]) if isinstance(row["reasons"], str) else row["reasons"]
+                out[i] = res
+                self.verdicts.inc(tags={"kind": "pair", "verdict": row["category"]})
+        if singles:
+            prompts = [items[i]["prompt"] for i in singles]
+            responses = [items[i]["response"] for i in singles]
+            answers = await self._judge(prompts, responses) if self.rule is not None else None
+            verdicts = self.policy.check(prompts, responses, [items[i].get("meta") or {} for i in singles], answers)
+            for i, v in zip(singles, verdicts):
+                out[i] = {**v.to_dict(), "policy": self.policy.fingerprint}
+                self.verdicts.inc(tags={"kind": "response", "verdict": v.verdict})
+        return out  # type: ignore[return-value]
+
+
+def triage_deployment():
+    return serve.deployment(TriageServer, name="Triage", ray_actor_options={"num_cpus": 0.1},
+                            max_ongoing_requests=64)
