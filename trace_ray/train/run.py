@@ -1,0 +1,249 @@
+"""``realign(config)``: triaged Parquet → (y_c pass) → (reference pass) → Ray Train → OUT.
+
+Everything that can be wrong with the inputs is checked first, on the driver, before Ray or any
+worker starts (``check_inputs``): the config (strict types, choices, cross-field rules), the
+triaged file and its columns, the model path, the gold file, optional packages.
+
+Outputs under ``output.dir``: ``adapter/`` or ``model/`` (+ tokenizer), ``metrics.jsonl``,
+``weights.parquet`` (id, category, weight), ``run_config.yaml``, ``summary.json``,
+``prepared/`` (Parquet with y_c / reference columns, when those passes ran) and
+``ray_train/realign/`` (Ray Train's checkpoints). Running the same config again resumes from the
+latest checkpoint (Ray Train restores a run by its name and storage path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from trace_ray.config import ConfigError, from_dict, to_dict
+from trace_ray.train.config import RunConfig
+
+REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected", "category")
+
+
+def used_categories(cfg: RunConfig) -> list[str]:
+    """Rows that carry a loss under ``cfg`` (retain only when the KL term is on)."""
+    return ["invert", "punish"] + (["retain"] if cfg.loss.alpha_kl > 0 else [])
+
+
+def as_run_config(config) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return from_dict(RunConfig, config)
+    from trace_ray.train.config import load_run_config
+
+    return load_run_config(config)
+
+
+def check_inputs(cfg: RunConfig) -> dict:
+    """Filesystem and package checks; returns ``{"counts": {...}, "rows": n_used}``."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    p = Path(cfg.data.triaged)
+    if not p.exists():
+        raise ConfigError(f"data.triaged: {p} does not exist (run `trace-ray triage` first)")
+    try:
+        schema = pq.read_schema(p) if p.is_file() else pq.ParquetDataset(p).schema
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a config problem here
+        raise ConfigError(f"data.triaged: {p} is not a readable Parquet file ({e})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise ConfigError(f"data.triaged: {p} lacks column(s) {missing}; is it the output of `trace-ray triage`?")
+    cats = pq.read_table(p, columns=["category"]).column("category").to_pylist()
+    if cfg.data.limit:
+        cats = cats[: cfg.data.limit]
+    counts = {c: 0 for c in ("invert", "punish", "retain", "unresolved")}
+    for c in cats:
+        counts[c if c in counts else "unresolved"] += 1
+    used = used_categories(cfg)
+    n_used = sum(counts[c] for c in used)
+    if counts["invert"] + counts["punish"] == 0:
+        raise ConfigError(f"data.triaged: {p} has no invert or punish rows: nothing to re-align (counts {counts})")
+    if cfg.reference.mode == "precomputed" and "ref_chosen_logps" in schema.names:
+        pass  # already precomputed columns are reused as they are
+    name = cfg.model.name
+    local_like = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
+    if local_like and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name: {name} does not exist")
+    if name.startswith("pypi:"):
+        from trace_ray.models.load import PYPI_MODELS
+
+        if name not in PYPI_MODELS:
+            raise ConfigError(f"model.name: unknown {name!r}; valid: {', '.join(PYPI_MODELS)}")
+    if cfg.data.gold != "auto":
+        g = Path(cfg.data.gold)
+        if not g.exists():
+            raise ConfigError(f"data.gold: {g} does not exist")
+        gm = [c for c in ("prompt", "chosen", "rejected") if c not in pq.read_schema(g).names]
+        if gm:
+            raise ConfigError(f"data.gold: {g} lacks column(s) {gm}")
+    need = []
+    if cfg.backend.kind == "deepspeed":
+        need.append(("deepspeed", "backend.kind=deepspeed"))
+    if cfg.logging.tensorboard:
+        need.append(("tensorboardX", "logging.tensorboard"))
+    if cfg.logging.mlflow_tracking_uri:
+        need.append(("mlflow", "logging.mlflow_tracking_uri"))
+    for mod, field in need:
+        if importlib.util.find_spec(mod) is None:
+            raise ConfigError(f"{field}: needs the {mod} package (pip install {mod})")
+    if cfg.corrected.enabled:
+        if cfg.corrected.policy and not Path(cfg.corrected.policy).exists():
+            raise ConfigError(f"corrected.policy: {cfg.corrected.policy} does not exist")
+        if not cfg.corrected.policy:
+            raise ConfigError("corrected.policy: required when corrected.enabled (y_c must be checked compliant)")
+    return {"counts": counts, "rows": n_used}
+
+
+def make_plan(cfg: RunConfig, n_rows: int, world: int, out_dir: Path) -> dict:
+    """Steps per epoch (same on every worker: the largest shard decides) and total steps."""
+    per_worker = math.ceil(n_rows / world)
+    spe = max(1, math.ceil(per_worker / (cfg.train.batch_size * cfg.train.grad_accum)))
+    total = cfg.train.max_steps or spe * cfg.train.epochs  # max_steps overrides epochs
+    return {"steps_per_epoch": spe, "total_steps": total, "n_rows": n_rows, "world": world, "out_dir": str(out_dir)}
+
+
+def gold_records(cfg: RunConfig) -> list[dict]:
+    """The gold batch of J: the authors' construction from the triaged rows, or a given file."""
+    import pyarrow.parquet as pq
+
+    if cfg.data.gold != "auto":
+        t = pq.read_table(cfg.data.gold, columns=["prompt", "chosen", "rejected"])
+        return t.slice(0, cfg.impact.gold_size).to_pylist()
+    from trace_ray.impact import build_gold_batch
+
+    t = pq.read_table(cfg.data.triaged, columns=["id", "prompt", "chosen", "rejected", "category"])
+    if cfg.data.limit:
+        t = t.slice(0, cfg.data.limit)
+    gold = build_gold_batch(t.to_pylist(), cfg.impact.gold_size, cfg.impact.gold_seed)
+    return [{"prompt": g["prompt"], "chosen": g["chosen"], "rejected": g["rejected"]} for g in gold]
+
+
+def _start_env() -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def realign(config, *, fail_at_step: int | None = None) -> dict:
+    """Run Stage 3 on Ray Train. ``config``: a ``RunConfig``, a dict or a YAML path.
+
+    ``fail_at_step`` (tests): the workers raise right after the checkpoint of that step, as if
+    killed; running the same config again resumes from it.
+    """
+    cfg = as_run_config(config)
+    info = check_inputs(cfg)  # before Ray or any worker starts
+    _start_env()
+    import os
+
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trace_ray.ray_utils import ensure_ray
+    from trace_ray.train.data import PresplitData, prepare_dataset
+
+    out = Path(cfg.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, out)
+    ensure_ray()
+    ds = prepare_dataset(cfg, out)
+    n = ds.count()
+    world = cfg.backend.num_workers
+    plan = make_plan(cfg, n, world, out)
+    plan["fail_at_step"] = fail_at_step
+    plan["gold"] = cfg.impact.weights == "impact"
+    datasets = {"train": ds}
+    if plan["gold"]:
+        datasets["gold"] = ray.data.from_items(gold_records(cfg))
+    use_gpu = cfg.backend.use_gpu
+    env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    trainer = TorchTrainer(
+        _entry,
+        train_loop_config={"run": to_dict(cfg), "plan": plan},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.backend.timeout_s),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=world, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.backend.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name="realign",
+            storage_path=str(out / "ray_train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": env_vars} if env_vars else None,
+        ),
+        datasets=datasets,
+        dataset_config=PresplitData(),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("realign: Ray Train finished without a final checkpoint")
+    with result.checkpoint.as_directory() as d:
+        outputs = collect_outputs(Path(d), out)
+    summary = {
+        "output_dir": str(out), **outputs, "counts": info["counts"], "rows_trained": n,
+        "steps": plan["total_steps"], "workers": world, "backend": cfg.backend.kind,
+        "final_metrics": _last_metrics(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _entry(config: dict) -> None:
+    from trace_ray.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def _write_config(cfg: RunConfig, out: Path) -> None:
+    import yaml
+
+    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def collect_outputs(ckpt: Path, out: Path) -> dict:
+    """Copy the final checkpoint's ``adapter/``/``model/`` and ``metrics.jsonl`` into OUT, and the
+    per-rank weights into ``OUT/weights.parquet``."""
+    found = {}
+    for name in ("adapter", "model"):
+        if (ckpt / name).is_dir():
+            dest = out / name
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(ckpt / name, dest)
+            found[name] = str(dest)
+    if (ckpt / "metrics.jsonl").exists():
+        shutil.copyfile(ckpt / "metrics.jsonl", out / "metrics.jsonl")
+    found["metrics"] = str(out / "metrics.jsonl")
+    weights = {}
+    for f in sorted(ckpt.glob("weights_rank*.json")):
+        weights.update(json.loads(f.read_text()))
+    if weights:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": list(weights), "weight": list(weights.values())}), out / "weights.parquet")
+        found["weights"] = str(out / "weights.parquet")
+    return found
+
+
+def _last_metrics(out: Path) -> dict:
+    p = out / "metrics.jsonl"
+    if not p.exists():
+        return {}
+    lines = [l for l in p.read_text().splitlines() if l.strip()]
+    return json.loads(lines[-1]) if lines else {}

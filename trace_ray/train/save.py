@@ -1,0 +1,96 @@
+"""Checkpoints (resume) and the final model folder.
+
+Checkpoint folder (one per reported step; every rank adds its own files, Ray Train merges them):
+``trainer_state.json`` (rank 0: step, metrics so far), ``weights_rank{r}.json`` (each rank: the
+impact weights of its shard, so a resumed run never rescoring at a moved θ), and either
+``trainable.pt`` + ``optimizer.pt`` + ``scheduler.pt`` (ddp backend, rank 0) or DeepSpeed's own
+``ds/`` checkpoint (every rank its optimiser shard).
+
+Final output: ``adapter/`` (peft ``save_pretrained``: ``adapter_config.json`` +
+``adapter_model.safetensors``) or ``model/`` (transformers ``save_pretrained``), each with the
+tokenizer; ``merge_adapter`` also writes ``model/`` with the LoRA merged into the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DS_TAG = "ds"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def save_checkpoint(d: Path, *, rank: int, state: dict, weights: dict, model, optimizer, scheduler, engine=None):
+    """Write this rank's share of a checkpoint into ``d``. Collective when ``engine`` is DeepSpeed."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"weights_rank{rank}.json").write_text(json.dumps(weights))
+    if engine is not None:
+        engine.save_checkpoint(str(d), tag=DS_TAG)
+    elif rank == 0:
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(trainable, d / "trainable.pt")
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        torch.save(scheduler.state_dict(), d / "scheduler.pt")
+    torch.save(rng_state(), d / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (d / "trainer_state.json").write_text(json.dumps(state, default=float))
+
+
+def load_checkpoint(d: Path, *, rank: int, model, optimizer, scheduler, engine=None) -> tuple[dict, dict]:
+    """Restore model/optimiser/schedule from ``d``; returns ``(trainer_state, weights)``."""
+    state = json.loads((d / "trainer_state.json").read_text())
+    wfile = d / f"weights_rank{rank}.json"
+    weights = json.loads(wfile.read_text()) if wfile.exists() else {}
+    if engine is not None:
+        engine.load_checkpoint(str(d), tag=DS_TAG)
+    else:
+        trainable = torch.load(d / "trainable.pt", map_location="cpu")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in trainable.items():
+                params[n].copy_(t.to(params[n].device))
+        optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu"))
+        scheduler.load_state_dict(torch.load(d / "scheduler.pt", map_location="cpu"))
+    rf = d / f"rng_rank{rank}.pt"
+    if rf.exists():
+        torch.set_rng_state(torch.load(rf)["torch"])
+    return state, weights
+
+
+def consolidated_state_dict(engine) -> dict | None:
+    """ZeRO-3: gather the 16-bit weights (collective: every rank calls it; rank 0 gets the dict)."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return None
+    return engine._zero3_consolidated_16bit_state_dict()
+
+
+def save_final(d: Path, model, tokenizer, *, lora: bool, merge: bool, save_tokenizer: bool = True, state_dict=None) -> dict:
+    """Write ``d/adapter`` (LoRA) or ``d/model`` (full), plus ``d/model`` merged on request."""
+    out = {}
+    model = getattr(model, "module", model)
+    kw = {"state_dict": state_dict} if state_dict is not None else {}
+    target = d / ("adapter" if lora else "model")
+    model.save_pretrained(str(target), safe_serialization=True, **kw)
+    out["adapter" if lora else "model"] = target
+    if save_tokenizer:
+        tokenizer.save_pretrained(str(target))
+    if lora and merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(d / "model"), safe_serialization=True)
+        if save_tokenizer:
+            tokenizer.save_pretrained(str(d / "model"))
+        out["model"] = d / "model"
+    if lora:
+        # peft records the base as it was loaded; keep it absolute so the folder loads anywhere.
+        cfg_path = target / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        base = cfg.get("base_model_name_or_path")
+        if base and Path(base).exists():
+            cfg["base_model_name_or_path"] = str(Path(base).resolve())
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+    return {k: str(v) for k, v in out.items()}

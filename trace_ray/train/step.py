@@ -1,0 +1,269 @@
+"""One mixed training micro-batch → the TRACE loss and its parts (pure torch; no Ray here).
+
+Shared by the Ray Train loop (``loop.py``) and the in-process ``train_local`` — one code path.
+
+A micro-batch holds rows of every category together. The forward is split by what each row needs:
+
+- preference rows (invert, punish): ``prompt+chosen``, ``prompt+rejected`` (and ``prompt+y_c``
+  for punish rows with a correction) in ONE padded forward, label log-probs only (no full-vocab
+  log-softmax: ``trace_ray.logprobs.forward_logps``);
+- retain rows: ``prompt+chosen`` only, with logits, for the token-level forward KL to the
+  reference (their rejected response carries no loss, so it is never run).
+
+The reference comes from precomputed columns (``ref_chosen_logps`` …), the base with the LoRA
+adapter disabled, or a frozen copy. Losses come from ``trace_ray.losses.trace_loss`` with
+``reduction="sum"``; this module divides by the *nominal* micro-batch size B (rows given to a
+worker per micro-step), so that averaging over accumulation steps and workers gives exactly the
+global-batch value whatever the split: 2 workers × 1 step = 1 worker × 2 accumulation steps.
+
+Methods (``RunConfig.method``) map onto the same losses:
+``trace`` — invert → reversed DPO, punish → dual NPO (or DPO y_c ≻ y_w, y_c ≻ y_l), retain → KL;
+``naive_dpo`` — every pair whose chosen is non-compliant (invert ∪ punish) → reversed DPO (the
+false dichotomy), retain → KL; ``npo_all`` — NPO on the chosen response of every such pair,
+retain → KL. The NLL anchor λ goes to every preference term's winner alike (y_l for reversed
+DPO, y_c for corrections; NPO has no winner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from trace_ray import losses as L
+from trace_ray.logprobs import encode_pairs, forward_logps, logits_mask, response_lengths, select_rows
+
+PREF_CATEGORIES = ("invert", "punish")
+
+
+@dataclass
+class StepSettings:
+    method: str = "trace"
+    beta: float = 0.3
+    alpha_kl: float = 0.1
+    npo_normalize: bool = True
+    nll_anchor: float = 0.0
+    max_length: int = 256
+    reference_mode: str = "adapter_disabled"  # precomputed | adapter_disabled | frozen_copy
+    nominal_batch: int = 8  # B: the loss is a sum over rows divided by B
+
+    @classmethod
+    def from_run(cls, cfg) -> "StepSettings":
+        return cls(
+            method=cfg.method, beta=cfg.loss.beta, alpha_kl=cfg.loss.alpha_kl,
+            npo_normalize=cfg.loss.npo_normalize, nll_anchor=cfg.loss.nll_anchor,
+            max_length=cfg.data.max_length, reference_mode=cfg.reference.mode,
+            nominal_batch=cfg.train.batch_size,
+        )
+
+
+def method_category(method: str, category: str) -> int:
+    """The loss code a row gets under ``method`` (``losses.INVERT``/``PUNISH``/``RETAIN``/``UNRESOLVED``)."""
+    if category == "retain":
+        return L.RETAIN
+    if category not in PREF_CATEGORIES:
+        return L.UNRESOLVED
+    if method == "trace":
+        return L.INVERT if category == "invert" else L.PUNISH
+    if method == "naive_dpo":
+        return L.INVERT  # flip every pair whose chosen is non-compliant
+    if method == "npo_all":
+        return L.PUNISH  # NPO on the chosen response only (see compute_loss)
+    raise ValueError(f"method: {method!r} is not one of trace, naive_dpo, npo_all")
+
+
+# ------------------------------------------------------------------------------- collation
+def collate(tokenizer, records: Sequence[Mapping[str, Any]], settings: StepSettings) -> dict:
+    """Records (canonical + ``category``, optional ``weight``, ``corrected``, ``ref_*_logps``,
+    ``_pad``) → a micro-batch dict.
+
+    ``pref``: ``encode_pairs`` of the preference rows ([2P, T] or [3P, T]); ``pref_cat`` [P] loss
+    codes; ``pref_w`` [P] weights; ``pref_ref`` [2P] / [3P] precomputed reference log-probs (or
+    None); ``kl``: the retain rows' ``prompt+chosen`` ([R, T]); ``n_rows`` rows counted.
+    A ``_pad`` row (used when a worker's shard runs out) contributes no loss.
+    """
+    live = [r for r in records if not r.get("_pad")]
+    pref = [r for r in live if r["category"] in PREF_CATEGORIES]
+    ret = [r for r in live if r["category"] == "retain"] if settings.alpha_kl > 0 else []
+    out: dict = {"n_rows": len(live), "pref": None, "kl": None}
+    if pref:
+        with_c = settings.method == "trace" and any(r.get("corrected") for r in pref)
+        enc = encode_pairs(tokenizer, pref, settings.max_length, with_corrected=with_c)
+        out["pref"] = enc
+        out["pref_cat"] = torch.tensor([method_category(settings.method, r["category"]) for r in pref])
+        out["pref_w"] = torch.tensor([float(r.get("weight", 1.0) if r.get("weight") is not None else 1.0) for r in pref])
+        if settings.reference_mode == "precomputed":
+            keys = ["ref_chosen_logps", "ref_rejected_logps"] + (["ref_corrected_logps"] if with_c else [])
+            vals = []
+            for k in keys:
+                for r in pref:
+                    v = r.get(k)
+                    if v is None or (isinstance(v, float) and math.isnan(v) and not (k == "ref_corrected_logps" and not r.get("corrected"))):
+                        raise ValueError(f"reference.mode=precomputed but row {r.get('id')} has no {k}")
+                    vals.append(0.0 if v is None or math.isnan(v) else float(v))
+            out["pref_ref"] = torch.tensor(vals, dtype=torch.float32)
+        else:
+            out["pref_ref"] = None
+    if ret:
+        enc = encode_pairs(tokenizer, ret, settings.max_length)
+        out["kl"] = select_rows(enc, list(range(len(ret))))  # the chosen rows
+    return out
+
+
+# ------------------------------------------------------------------------------- the loss
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def _reference_forward(model, ref_model, batch, mode: str, with_logits: bool):
+    """Reference log-probs (and logits) from the adapter-disabled base or the frozen copy."""
+    if mode == "frozen_copy" or (mode == "precomputed" and ref_model is not None):
+        return forward_logps(ref_model, batch, return_logits=with_logits)
+    base = _unwrap(model)
+    if not hasattr(base, "disable_adapter"):
+        raise ValueError("the reference needs a LoRA model (adapter_disabled) or a frozen copy")
+    was = base.training
+    base.eval()
+    try:
+        with base.disable_adapter():
+            return forward_logps(base, batch, return_logits=with_logits)
+    finally:
+        base.train(was)
+
+
+def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> tuple[torch.Tensor, dict]:
+    """The micro-batch loss (scalar, with gradient) and detached statistics.
+
+    ``loss = (Σ_pref w_i·L_i + α_KL·Σ_retain KL_i) / B`` with B = ``settings.nominal_batch``
+    (``losses.trace_loss`` with ``reduction="sum"``). Stats are sums and counts (``*_sum``,
+    ``n_*``) so they can be added over micro-steps and all-reduced over workers before dividing.
+    """
+    net = _unwrap(model)
+    device = next(net.parameters()).device
+    B = float(settings.nominal_batch)
+    total = torch.zeros((), device=device)
+    stats: dict[str, float] = {"n_rows": float(batch["n_rows"])}
+    enc = batch["pref"]
+    if enc is not None:
+        P = batch["pref_cat"].shape[0]
+        pol, _ = forward_logps(net, enc)
+        if batch["pref_ref"] is not None:
+            ref = batch["pref_ref"].to(device)
+        else:
+            ref, _ = _reference_forward(model, ref_model, enc, settings.reference_mode, False)
+        cat = batch["pref_cat"].to(device)
+        w = batch["pref_w"].to(device)
+        lens = response_lengths(enc).to(device)
+        pc, pr, rc, rr = pol[:P], pol[P : 2 * P], ref[:P], ref[P : 2 * P]
+        corr = {}
+        if "has_corrected" in enc:
+            corr = dict(
+                policy_corrected_logps=pol[2 * P :], ref_corrected_logps=ref[2 * P :],
+                has_corrected=enc["has_corrected"].to(device), corrected_lengths=lens[2 * P :],
+            )
+        if settings.method == "npo_all":
+            # NPO on y_w alone: dual NPO with the y_l term pinned at policy = reference (its
+            # gradient is 0), minus that constant so the value is NPO(y_w) exactly.
+            pref_total, parts = L.trace_loss(
+                cat, pc, rc.detach(), rc, rc.detach(), w, None, beta=settings.beta, alpha_kl=0.0,
+                npo_normalize=settings.npo_normalize, reduction="sum",
+            )
+            const = L.npo_loss(rc.new_zeros(()), rc.new_zeros(()), settings.beta, settings.npo_normalize)
+            shift = const * torch.where(cat == L.PUNISH, w, torch.zeros_like(w)).sum()
+            pref_total = pref_total - shift
+            parts["L_II"] = parts["L_II"] - shift.detach()
+        else:
+            pref_total, parts = L.trace_loss(
+                cat, pc, pr, rc, rr, w, None, beta=settings.beta, alpha_kl=0.0,
+                npo_normalize=settings.npo_normalize, nll_lambda=settings.nll_anchor,
+                chosen_lengths=lens[:P], rejected_lengths=lens[P : 2 * P], reduction="sum", **corr,
+            )
+        total = total + pref_total / B
+        margin = settings.beta * ((pr - rr) - (pc - rc)).detach()  # reversed-DPO reward margin
+        is_inv = cat == L.INVERT
+        stats.update(
+            L_I_sum=float(parts["L_I"]), L_II_sum=float(parts["L_II"]), L_anchor_sum=float(parts["L_anchor"]),
+            n_invert=float(parts["n_invert"]), n_punish=float(parts["n_punish"]),
+            margin_sum=float(margin[is_inv].sum()), acc_sum=float((margin[is_inv] > 0).float().sum()),
+            w_sum=float(w.sum()), w_sq_sum=float((w * w).sum()), w_max=float(w.max()), n_w=float(P),
+            # unweighted per-category means, comparable across weightings (for "losses go down")
+            raw_I_sum=float(L.invert_loss(pc, pr, rc, rr, settings.beta).detach()[is_inv].sum())
+            if settings.method != "npo_all" else 0.0,
+            raw_II_sum=float(L.punish_loss(pc, pr, rc, rr, settings.beta, settings.npo_normalize).detach()[cat == L.PUNISH].sum())
+            if settings.method == "trace" else 0.0,
+        )
+    kl_enc = batch["kl"]
+    if kl_enc is not None:
+        _, pol_logits = forward_logps(net, kl_enc, return_logits=True)
+        _, ref_logits = _reference_forward(model, ref_model, kl_enc, settings.reference_mode, True)
+        kl = L.forward_kl(ref_logits, pol_logits, logits_mask(kl_enc["loss_mask"].to(device)))
+        cat = torch.full_like(kl, L.RETAIN, dtype=torch.long)
+        z = torch.zeros_like(kl)
+        kl_total, parts = L.trace_loss(
+            cat, z, z, z, z, None, kl, beta=settings.beta, alpha_kl=settings.alpha_kl, reduction="sum"
+        )
+        total = total + kl_total / B
+        stats.update(L_KL_sum=float(parts["L_KL"]), n_retain=float(parts["n_retain"]))
+    stats["loss_sum"] = float(total.detach()) * B
+    return total, stats
+
+
+STAT_MAX = ("w_max",)
+
+
+def merge_stats(acc: dict, new: dict) -> dict:
+    """Add micro-step stats (sums/counts); maxima stay maxima."""
+    for k, v in new.items():
+        acc[k] = max(acc.get(k, -math.inf), v) if k in STAT_MAX else acc.get(k, 0.0) + v
+    return acc
+
+
+def summarize(s: dict, nominal_rows: float) -> dict:
+    """Summed stats (over micro-steps and workers) → per-step metrics.
+
+    ``loss`` is the optimised objective (sum / nominal global batch rows); ``L_I``, ``L_II`` are
+    weighted means over their rows, ``L_KL`` the mean KL over retain rows; ``raw_L_I``/``raw_L_II``
+    the unweighted means; ``margin``/``reward_acc`` the reversed-DPO margins of invert rows.
+    """
+    def mean(key, n):
+        c = s.get(n, 0.0)
+        return s.get(key, 0.0) / c if c else None
+
+    n_w = s.get("n_w", 0.0)
+    w_mean = s.get("w_sum", 0.0) / n_w if n_w else None
+    out = {
+        "loss": s.get("loss_sum", 0.0) / nominal_rows,
+        "L_I": mean("L_I_sum", "n_invert"), "L_II": mean("L_II_sum", "n_punish"),
+        "L_KL": mean("L_KL_sum", "n_retain"), "L_anchor": mean("L_anchor_sum", "n_w"),
+        "raw_L_I": mean("raw_I_sum", "n_invert"), "raw_L_II": mean("raw_II_sum", "n_punish"),
+        "margin": mean("margin_sum", "n_invert"), "reward_acc": mean("acc_sum", "n_invert"),
+        "w_mean": w_mean,
+        "w_std": math.sqrt(max(0.0, s.get("w_sq_sum", 0.0) / n_w - w_mean**2)) if n_w else None,
+        "w_max": s.get("w_max") if n_w else None,
+        "rows": s.get("n_rows", 0.0),
+        "n_invert": s.get("n_invert", 0.0), "n_punish": s.get("n_punish", 0.0), "n_retain": s.get("n_retain", 0.0),
+    }
+    return out
+
+
+STAT_KEYS = (
+    "n_rows", "loss_sum", "L_I_sum", "L_II_sum", "L_KL_sum", "L_anchor_sum", "n_invert", "n_punish",
+    "n_retain", "margin_sum", "acc_sum", "w_sum", "w_sq_sum", "w_max", "n_w", "raw_I_sum", "raw_II_sum",
+)
+
+
+def stats_tensor(s: dict) -> torch.Tensor:
+    return torch.tensor([s.get(k, 0.0) if k != "w_max" else s.get(k, 0.0) for k in STAT_KEYS], dtype=torch.float64)
+
+
+def tensor_stats(t: torch.Tensor) -> dict:
+    return {k: float(v) for k, v in zip(STAT_KEYS, t.tolist())}
+
+
+@contextlib.contextmanager
+def nullcontext():
+    yield
