@@ -15,6 +15,15 @@ import json
 from ray import serve
 
 
+def judge_messages(rule, prompt: str, response: str) -> list[dict]:
+    """The chat sent to the judge model: the rule's system text (if any), then the rendered prompt."""
+    from trace_ray.policy.judge import render_judge_prompt
+
+    system = getattr(rule, "system", None)
+    user = {"role": "user", "content": render_judge_prompt(rule, prompt, response)}
+    return ([{"role": "system", "content": system}] if system else []) + [user]
+
+
 class PolicyRefused(ValueError):
     pass
 
@@ -45,8 +54,6 @@ class TriageServer:
 
     async def _judge(self, prompts: list[str], responses: list[str]) -> list[str | None]:
         """Raw judge answers, one per (prompt, response); None where the judge failed."""
-        from trace_ray.policy.judge import judge_messages
-
         reqs = [{"messages": judge_messages(self.rule, p, r), "max_tokens": self.rule.max_new_tokens,
                  "temperature": 0.0, "top_p": 1.0, "stop": [], "model": None}
                 for p, r in zip(prompts, responses)]
@@ -72,7 +79,7 @@ class TriageServer:
             if self.rule is not None:
                 flat = await self._judge([r["prompt"] for r in records for _ in (0, 1)],
                                          [r[k] for r in records for k in ("chosen", "rejected")])
-                answers = {"judge_chosen": flat[0::2], "judge_rejected": flat[1::2]}
+                answers = list(zip(flat[0::2], flat[1::2]))
             for i, row in zip(pairs, triage_records(self.policy, records, judge_answers=answers)):
                 res = {k: row[k] for k in ("id", "chosen_verdict", "rejected_verdict", "category", "policy")}
                 res["reasons"] = json.loads(row["reasons"]) if isinstance(row["reasons"], str) else row["reasons"]
