@@ -1,0 +1,287 @@
+"""Stage 1 — triage (DESIGN §1): judge BOTH responses of every pair with the new policy and file
+the pair as invert / punish / retain, or unresolved (malformed row, oracle error), with reasons.
+
+- ``triage_records(policy, records, judge_answers=None)``: pure Python, the single source of
+  truth for one batch; the Ray Data path and the HTTP server (``/v1/triage``) call it, so online
+  and offline answers are identical.
+- ``run_triage(data, policy, out_dir, ...)``: reader → (LLM judge actors) → rule ``map_batches``
+  → streamed to ``out_dir/triaged.parquet`` (one file, schema ``TRIAGED``) while the driver
+  accumulates ``summary.json``; nothing is collected on the driver beyond one batch at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from trace_ray.data.schema import CATEGORIES, TRIAGED, categorize, row_id
+from trace_ray.policy import Policy, load_policy
+
+EXAMPLES_PER_CATEGORY = 3
+
+
+def _norm(rec: dict) -> tuple[dict, str | None, dict]:
+    """A record as given (reader output, a user's dict, an HTTP body) → (canonical fields, error, meta)."""
+    err = rec.get("_error")
+    out: dict[str, Any] = {}
+    for key in ("prompt", "chosen", "rejected"):
+        v = rec.get(key)
+        if not isinstance(v, str):
+            err = err or (f"missing field {key!r}" if v is None else f"field {key!r} is not a string")
+            v = "" if v is None else str(v)
+        elif key != "prompt" and not v.strip():
+            err = err or f"empty response: {key!r}"
+        out[key] = v
+    meta = rec.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta) if meta else {}
+        except json.JSONDecodeError:
+            err = err or "meta is not valid JSON"
+            meta = {"raw": meta}
+    meta = meta if isinstance(meta, dict) else {}
+    out["id"] = str(rec["id"]) if rec.get("id") not in (None, "") else row_id(out["prompt"], out["chosen"], out["rejected"])
+    out["meta"] = json.dumps(meta, ensure_ascii=False, default=str)
+    return out, err, meta
+
+
+def triage_records(
+    policy: Policy,
+    records: Sequence[dict],
+    judge_answers: Sequence[tuple[str | None, str | None]] | None = None,
+) -> list[dict]:
+    """Triage canonical records; returns one dict per record with the ``TRIAGED`` columns.
+
+    ``judge_answers[i] = (answer for chosen, answer for rejected)`` — raw judge text, for policies
+    with a judge rule (missing → that response's verdict is ``error``). Per-response metadata for
+    ``meta`` rules is read from ``meta["chosen"]`` / ``meta["rejected"]``.
+    """
+    if judge_answers is not None and len(judge_answers) != len(records):
+        raise ValueError("judge_answers must have one (chosen, rejected) pair per record")
+    normed = [_norm(r) for r in records]
+    good = [i for i, (_, err, _) in enumerate(normed) if err is None]
+    prompts, responses, metas, answers = [], [], [], []
+    for side in ("chosen", "rejected"):
+        for i in good:
+            rec, _, meta = normed[i]
+            prompts.append(rec["prompt"])
+            responses.append(rec[side])
+            m = meta.get(side)
+            metas.append(m if isinstance(m, dict) else {})
+            answers.append(judge_answers[i][0 if side == "chosen" else 1] if judge_answers is not None else None)
+    verdicts = policy.check(prompts, responses, metas, answers if judge_answers is not None else None)
+    by_row = {i: (verdicts[k], verdicts[k + len(good)]) for k, i in enumerate(good)}
+    out = []
+    for i, (rec, err, _) in enumerate(normed):
+        if err is not None:
+            cv = rv = "error"
+            reasons: dict = {"error": err}
+            category = "unresolved"
+        else:
+            c, r = by_row[i]
+            cv, rv = c.verdict, r.verdict
+            reasons = {"chosen": c.reasons, "rejected": r.reasons}
+            category = categorize(cv, rv)
+        out.append({
+            **{k: rec[k] for k in ("id", "prompt", "chosen", "rejected", "meta")},
+            "chosen_verdict": cv,
+            "rejected_verdict": rv,
+            "reasons": json.dumps(reasons, ensure_ascii=False),
+            "category": category,
+            "policy": policy.fingerprint,
+        })
+    return out
+
+
+class TriageBatch:
+    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        answers = None
+        if self.policy.has_judge:
+            answers = [(r.get("judge_chosen"), r.get("judge_rejected")) for r in rows]
+        return pa.Table.from_pylist(triage_records(self.policy, rows, answers), schema=TRIAGED)
+
+
+class Summary:
+    """Accumulates ``summary.json`` from output batches on the driver (counts, hits, examples)."""
+
+    def __init__(self, policy: Policy, examples: int = EXAMPLES_PER_CATEGORY):
+        self.policy = policy
+        self.counts: Counter = Counter({c: 0 for c in CATEGORIES})
+        self.verdicts = {"chosen": Counter(), "rejected": Counter()}
+        self.hits = {r.name: {"chosen": 0, "rejected": 0} for r in policy.rules}
+        self.unresolved: Counter = Counter()
+        self.examples: dict[str, list] = {c: [] for c in CATEGORIES}
+        self.k = examples
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            cat = row["category"]
+            self.counts[cat] += 1
+            self.verdicts["chosen"][row["chosen_verdict"]] += 1
+            self.verdicts["rejected"][row["rejected_verdict"]] += 1
+            if cat == "retain" and row["rejected_verdict"] == "compliant":
+                reasons = None  # both compliant: nothing matched, skip the JSON parse
+            else:
+                reasons = json.loads(row["reasons"])
+                for side in ("chosen", "rejected"):
+                    if row[f"{side}_verdict"] == "non_compliant":
+                        for reason in reasons.get(side, []):
+                            name = reason.split(":", 1)[0]
+                            if name in self.hits:
+                                self.hits[name][side] += 1
+                if cat == "unresolved":
+                    self.unresolved[_reason_kind(row, reasons)] += 1
+            if len(self.examples[cat]) < self.k:
+                ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
+                ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
+                ex["reasons"] = reasons if reasons is not None else {}
+                self.examples[cat].append(ex)
+
+    def to_dict(self) -> dict:
+        total = sum(self.counts.values())
+        return {
+            "total": total,
+            "counts": {c: self.counts[c] for c in CATEGORIES},
+            "fractions": {c: round(self.counts[c] / total, 4) if total else 0.0 for c in CATEGORIES},
+            "verdicts": {s: {v: self.verdicts[s][v] for v in ("compliant", "non_compliant", "error")}
+                         for s in ("chosen", "rejected")},
+            "rule_hits": self.hits,
+            "unresolved_reasons": dict(self.unresolved.most_common()),
+            "examples": self.examples,
+            "policy": self.policy.fingerprint,
+        }
+
+
+def _reason_kind(row: dict, reasons: dict) -> str:
+    """A short, countable reason for an unresolved row (no row-specific text)."""
+    if "error" in reasons:
+        msg = reasons["error"].split(": ", 1)[-1]  # drop the file:line location
+        if msg.startswith("line "):
+            msg = msg.split(": ", 1)[-1]
+        return msg.split(" (byte")[0].split(": ")[0].split(" at column")[0]
+    for side in ("chosen", "rejected"):
+        if row[f"{side}_verdict"] == "error" and reasons.get(side):
+            return f"{side}: " + reasons[side][0].split("'")[0].split(" after ")[0].strip()
+    return "unknown"
+
+
+def _short(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def run_triage(
+    data: str | Path,
+    policy: str | Path | dict | Policy,
+    out_dir: str | Path,
+    format: str = "auto",
+    *,
+    pku_chosen: str = "better",
+    batch_size: int = 1024,
+    num_actors: int | None = None,
+    show_progress: bool = True,
+    address: str | None = None,
+) -> dict:
+    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet`` and
+    ``out_dir/summary.json``; return the summary (``{"total", "counts": {...}, ...}``).
+
+    The policy and the input are validated before Ray starts (``PolicyError`` /
+    ``FileNotFoundError`` / ``ValueError``). ``num_actors`` sizes the judge actor pool (default:
+    the judge rule's ``concurrency``); rules run as plain tasks (stateless, vectorised per batch).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from trace_ray.data.readers import detect_format, list_files, read_pairs
+    from trace_ray.ray_utils import ensure_ray
+
+    policy = load_policy(policy)
+    list_files(data)
+    fmt = detect_format(data) if format == "auto" else format
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray(address)
+
+    ds = read_pairs(data, fmt, pku_chosen=pku_chosen)
+    if policy.has_judge:
+        from trace_ray.policy.judge import add_judge_answers
+
+        ds = add_judge_answers(ds, policy, num_actors=num_actors)
+    # rules are stateless and cheap to rebuild: plain tasks (fused with the read), no actor pool
+    ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=batch_size)
+
+    ctx = ray.data.DataContext.get_current()
+    old_bars = ctx.enable_progress_bars
+    data_log = logging.getLogger("ray.data")
+    old_level = data_log.level
+    if show_progress:  # one bar (ours, rows/s), not one per operator plus progress log lines
+        ctx.enable_progress_bars = False
+        data_log.setLevel(logging.WARNING)
+    summary = Summary(policy)
+    tmp = out_dir / ".triaged.parquet.tmp"
+    t0 = time.perf_counter()
+    try:
+        with pq.ParquetWriter(tmp, TRIAGED) as writer, tqdm(
+            desc=f"triage {Path(data).name}", unit="rows", disable=not show_progress, smoothing=0.1
+        ) as bar:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                table = table.select(TRIAGED.names).cast(TRIAGED)
+                writer.write_table(table)
+                summary.add(table.select(["id", "prompt", "chosen", "rejected", "chosen_verdict",
+                                          "rejected_verdict", "reasons", "category"]).to_pylist())
+                bar.update(table.num_rows)
+    finally:
+        ctx.enable_progress_bars = old_bars
+        data_log.setLevel(old_level)
+    elapsed = time.perf_counter() - t0
+    os.replace(tmp, out_dir / "triaged.parquet")
+    result = summary.to_dict()
+    result.update({
+        "data": str(data),
+        "format": fmt,
+        "pku_chosen": pku_chosen if fmt == "pku" else None,
+        "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(result["total"] / elapsed, 1) if elapsed > 0 else None,
+        "outputs": {"triaged": str(out_dir / "triaged.parquet"), "summary": str(out_dir / "summary.json")},
+    })
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
+
+
+def format_summary(s: dict) -> str:
+    """The one-screen summary printed at the end of ``trace-ray triage``."""
+    n = s["total"] or 1
+    lines = [f"triage: {s['total']} pairs  policy {s['policy']}  ({s.get('elapsed_s', '?')} s, "
+             f"{s.get('rows_per_s', '?')} rows/s)"]
+    for c in CATEGORIES:
+        lines.append(f"  {c:<11}{s['counts'][c]:>9}  {100 * s['counts'][c] / n:5.1f}%")
+    lines.append("  verdicts    chosen: " + ", ".join(f"{k} {v}" for k, v in s["verdicts"]["chosen"].items())
+                 + " | rejected: " + ", ".join(f"{k} {v}" for k, v in s["verdicts"]["rejected"].items()))
+    lines.append("  rule hits (chosen / rejected):")
+    for name, h in s["rule_hits"].items():
+        lines.append(f"    {name:<28}{h['chosen']:>7} / {h['rejected']}")
+    if s["unresolved_reasons"]:
+        lines.append("  unresolved because:")
+        for why, k in list(s["unresolved_reasons"].items())[:6]:
+            lines.append(f"    {k:>7}  {why}")
+    for c in ("invert", "punish"):
+        for ex in s["examples"][c][:1]:
+            lines.append(f"  e.g. {c}: {ex['prompt'][-70:].strip()!r} -> chosen {ex['chosen'][:60]!r}")
+            lines.append(f"       because {ex['reasons'].get('chosen')}")
+    if "outputs" in s:
+        lines.append(f"  wrote {s['outputs']['triaged']} and {s['outputs']['summary']}")
+    return "\n".join(lines)
