@@ -93,21 +93,17 @@ def realign(ctx) -> dict:
 
 @STAGE_FUNCS.register("evaluate")
 def evaluate(ctx) -> dict:
-    from trace_ray.pipeline import ComponentMissing
+    """Metrics of the re-aligned model on the triaged pairs (``trace_ray.evaluate_pairs``)."""
+    from trace_ray.evaluate_pairs import evaluate_pairs
 
-    mod = _need("trace_ray.evaluate", None, "the evaluate stage")
-    fn = getattr(mod, "evaluate_model", None) or getattr(mod, "run_evaluation", None)
-    if fn is None:
-        raise ComponentMissing("the evaluate stage: trace_ray.evaluate has no evaluate_model/run_evaluation")
-    realign_dir = upstream(ctx, "realign")
-    metrics = fn(
-        model=model_output(realign_dir),
+    metrics = evaluate_pairs(
+        model=model_output(upstream(ctx, "realign")),
         triaged=upstream(ctx, "triage", "triaged.parquet"),
         policy=storage.localize(ctx.cfg.policy),
         out_dir=ctx.local_dir,
         **ctx.cfg.evaluate,
     )
-    return json.loads(json.dumps(metrics, default=str))
+    return {k: v for k, v in metrics.items() if k != "generations"}
 
 
 @STAGE_FUNCS.register("serve_check")
