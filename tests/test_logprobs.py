@@ -148,3 +148,24 @@ def test_gpt2_without_chat_template(tiny_model_dir):
     b = encode_pairs(tok, RECORDS[:2], max_length=64)
     assert tok.decode(b["input_ids"][0][b["attention_mask"][0].bool() & ~b["loss_mask"][0].bool()]) == RECORDS[0]["prompt"]
     torch.testing.assert_close(sequence_logps(model, b), naive_logps(model, b), rtol=1e-5, atol=1e-3)
+
+
+def test_chunked_checkpointed_logps_match_in_value_and_gradient(tiny_tokenizer, tiny_model, monkeypatch):
+    """Tiny chunks (3 positions of a 320-word vocab) force many checkpointed chunks: same log-probs
+    and the same parameter gradient as one chunk."""
+    import trace_ray.logprobs as LP
+
+    b = encode_pairs(tiny_tokenizer, RECORDS, max_length=128)
+
+    def grads():
+        tiny_model.zero_grad()
+        lp = sequence_logps(tiny_model, b)
+        (lp * torch.arange(1.0, 7.0)).sum().backward()
+        return lp.detach(), [p.grad.clone() for p in tiny_model.parameters()]
+
+    lp1, g1 = grads()
+    monkeypatch.setattr(LP, "CHUNK_ELEMENTS", 3 * 320)
+    lp2, g2 = grads()
+    torch.testing.assert_close(lp2, lp1, rtol=1e-6, atol=1e-5)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-# fp32 elements per logits chunk (~128 MiB): bounds peak memory whatever the vocabulary size.
-CHUNK_ELEMENTS = 1 << 25
+# fp32 elements per logits chunk (32 MiB): bounds peak memory whatever the vocabulary size.
+CHUNK_ELEMENTS = 1 << 23
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -175,21 +175,30 @@ def _split(model):
     return backbone, head
 
 
+def _chunk_logps(source: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
+    logits = (head(source) if head is not None else source).float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def _label_logps(source: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
     """``log p(label)`` for M positions, ``[M]`` fp32: ``logit[label] − logsumexp(logit)`` in chunks.
 
-    ``source`` is ``[M, H]`` hidden states (``head`` given) or ``[M, V]`` logits.
+    ``source`` is ``[M, H]`` hidden states (``head`` given) or ``[M, V]`` logits. When a backward
+    will follow, each chunk from hidden states is checkpointed: its ``[chunk, V]`` logits are
+    recomputed in the backward instead of being kept, so memory stays at one chunk of logits
+    (what a fused cross-entropy achieves) for one extra head matmul.
     """
     V = head.out_features if head is not None and hasattr(head, "out_features") else source.shape[-1]
     step = max(1, CHUNK_ELEMENTS // max(1, V))
+    ckpt = head is not None and torch.is_grad_enabled() and source.requires_grad and source.shape[0] > step
     out = []
     for s in range(0, source.shape[0], step):
-        logits = source[s : s + step]
-        if head is not None:
-            logits = head(logits)
-        logits = logits.float()
-        lab = labels[s : s + step].unsqueeze(-1)
-        out.append(logits.gather(-1, lab).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+        if ckpt:
+            from torch.utils.checkpoint import checkpoint
+
+            out.append(checkpoint(_chunk_logps, source[s : s + step], labels[s : s + step], head, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(source[s : s + step], labels[s : s + step], head))
     return torch.cat(out) if out else source.new_zeros(0, dtype=torch.float32)
 
 
