@@ -28,6 +28,7 @@ EXAMPLES_PER_CATEGORY = 3
 def _norm(rec: dict) -> tuple[dict, str | None, dict]:
     """A record as given (reader output, a user's dict, an HTTP body) → (canonical fields, error, meta)."""
     err = rec.get("_error")
+    err = err if isinstance(err, str) and err else None  # pandas may hand over NaN for null
     out: dict[str, Any] = {}
     for key in ("prompt", "chosen", "rejected"):
         v = rec.get(key)
@@ -211,6 +212,10 @@ def run_triage(
 
     policy = load_policy(policy)
     list_files(data)
+    if policy.has_judge:
+        from trace_ray.policy.judge import check_judge_model
+
+        check_judge_model(policy.judge_rule)
     fmt = detect_format(data) if format == "auto" else format
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

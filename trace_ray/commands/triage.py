@@ -63,7 +63,7 @@ def run(args) -> int:
         summary = run_triage(args.data, policy, args.out, args.format, pku_chosen=args.pku_chosen,
                              batch_size=args.batch_size, num_actors=args.num_actors,
                              show_progress=not args.no_progress, address=args.address)
-    except ValueError as e:  # format detection, bad arguments
+    except (ValueError, ImportError) as e:  # format detection, bad arguments, vllm missing
         print(f"trace-ray triage: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
