@@ -52,6 +52,7 @@ class ServeCheckConfig:
     max_tokens: int = 32
     timeout_s: int = 300
     port: int = 0  # 0 = a free port on 127.0.0.1
+    settings: dict[str, Any] = field(default_factory=dict)  # extra ServeSettings (serve/settings.py), e.g. hf.num_cpus
 
     def validate(self):
         if self.max_tokens < 1:

@@ -36,8 +36,10 @@ def _http(method: str, url: str, body: dict | None, key: str | None, timeout: fl
 
 
 def chat_once(model: str, policy: str | None = None, prompt: str = "Hello!", max_tokens: int = 32,
-              timeout_s: int = 300, port: int = 0) -> dict:
+              timeout_s: int = 300, port: int = 0, settings: dict | None = None) -> dict:
     """Serve ``model`` (and ``policy`` for /v1/triage), send one chat completion, tear down.
+
+    ``settings``: more ``ServeSettings`` fields (``{"hf": {"num_cpus": 0.5}}``, ``{"backend": "vllm"}``).
 
     Returns ``{"model_id", "prompt", "answer", "finish_reason", "status", "seconds_to_ready",
     "latency_s", "models"}``; raises RuntimeError when the app does not answer 200.
@@ -49,7 +51,9 @@ def chat_once(model: str, policy: str | None = None, prompt: str = "Hello!", max
     from serve.settings import ServeSettings
     from trace_ray.config import from_dict
 
-    settings = from_dict(ServeSettings, {"model": model, "policy": policy})
+    from trace_ray.config import deep_merge
+
+    settings = from_dict(ServeSettings, deep_merge({"model": model, "policy": policy}, settings or {}))
     key = os.environ.get(settings.api_key_env) or None
     serve.start(http_options={"host": "127.0.0.1", "port": port or free_port()})
     actual_port = _get_global_client().http_config.port  # an already running Serve keeps its port

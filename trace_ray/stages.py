@@ -64,13 +64,37 @@ def run_config(ctx_cfg, triaged: str, out_dir: str):
         raise ConfigError(f"realign.{e}") from None
 
 
+def _check_kwargs(section: str, given: dict, fn, fixed: set[str]) -> None:
+    import inspect
+
+    allowed = set(inspect.signature(fn).parameters) - fixed
+    for k in given:
+        if k not in allowed:
+            raise ConfigError(f"{section}.{k}: unknown key; valid keys here: {', '.join(sorted(allowed))}")
+
+
 def validate(cfg) -> None:
     """Checks every stage's config before any stage starts (exit code 2 on a problem)."""
+    if "triage" in cfg.stages:
+        _check_kwargs("triage", cfg.triage, _need("trace_ray.triage", "run_triage", "the triage stage"),
+                      {"data", "policy", "out_dir", "format"})
     if "triage" in cfg.stages or "evaluate" in cfg.stages:
         load_policy = _need("trace_ray.policy", "load_policy", "the policy")
         load_policy(storage.localize(cfg.policy))
     if "realign" in cfg.stages:
         run_config(cfg, triaged="<from the triage stage>", out_dir="<stage folder>")
+    if "evaluate" in cfg.stages:
+        from trace_ray.evaluate_pairs import evaluate_pairs
+
+        _check_kwargs("evaluate", cfg.evaluate, evaluate_pairs, {"model", "triaged", "out_dir", "policy"})
+    if "serve_check" in cfg.stages:
+        from trace_ray.config import deep_merge
+
+        ServeSettings = _need("serve.settings", "ServeSettings", "the serve_check stage")
+        try:
+            from_dict(ServeSettings, deep_merge({"model": "<realign output>"}, cfg.serve_check.settings))
+        except ConfigError as e:
+            raise ConfigError(f"serve_check.settings.{e}") from None
 
 
 @STAGE_FUNCS.register("triage")
@@ -114,6 +138,7 @@ def serve_check(ctx) -> dict:
         model=model_output(upstream(ctx, "realign")),
         policy=storage.localize(ctx.cfg.policy),
         prompt=sc.prompt, max_tokens=sc.max_tokens, timeout_s=sc.timeout_s, port=sc.port,
+        settings=sc.settings,
     )
     storage.write_json(str(Path(ctx.local_dir) / "response.json"), answer)
     return answer
