@@ -51,7 +51,7 @@ def test_hf_judge_end_to_end_on_cpu(ray_session, tiny_model_dir, tmp_path):
     # a random tiny model does not answer yes/no: error verdicts with the answer as reason, no crash
     errors = [json.loads(r["reasons"])["chosen"][0] for r in rows if r["chosen_verdict"] == "error" and "error" not in json.loads(r["reasons"])]
     assert errors and all("judge answer is neither yes nor no" in e for e in errors)
-    assert summary["unresolved_reasons"].get("chosen: llm: judge answer is neither yes nor no:", 0) >= 1
+    assert summary["unresolved_reasons"].get("chosen: llm: judge answer is neither yes nor no", 0) >= 1
 
 
 def test_vllm_path_plumbing_with_a_stand_in_engine(ray_session, tmp_path):

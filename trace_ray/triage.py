@@ -127,29 +127,37 @@ class Summary:
         self.examples: dict[str, list] = {c: [] for c in CATEGORIES}
         self.k = examples
 
-    def add(self, rows: list[dict]) -> None:
-        for row in rows:
-            cat = row["category"]
-            self.counts[cat] += 1
-            self.verdicts["chosen"][row["chosen_verdict"]] += 1
-            self.verdicts["rejected"][row["rejected_verdict"]] += 1
-            if cat == "retain" and row["rejected_verdict"] == "compliant":
-                reasons = None  # both compliant: nothing matched, skip the JSON parse
-            else:
-                reasons = json.loads(row["reasons"])
-                for side in ("chosen", "rejected"):
-                    if row[f"{side}_verdict"] == "non_compliant":
-                        for reason in reasons.get(side, []):
-                            name = reason.split(":", 1)[0]
-                            if name in self.hits:
-                                self.hits[name][side] += 1
-                if cat == "unresolved":
-                    self.unresolved[_reason_kind(row, reasons)] += 1
-            if len(self.examples[cat]) < self.k:
-                ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
-                ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
-                ex["reasons"] = reasons if reasons is not None else {}
-                self.examples[cat].append(ex)
+    def add(self, table) -> None:
+        """One output batch (a ``pyarrow.Table`` with the ``TRIAGED`` columns). Counts are Arrow
+        kernels; only rows with a verdict other than compliant are parsed for rule hits."""
+        import pyarrow.compute as pc
+
+        for key, col in (("category", None), ("chosen", "chosen_verdict"), ("rejected", "rejected_verdict")):
+            for item in pc.value_counts(table[col or key]).to_pylist():
+                (self.counts if col is None else self.verdicts[key])[item["values"]] += item["counts"]
+        plain = pc.and_(pc.equal(table["chosen_verdict"], "compliant"), pc.equal(table["rejected_verdict"], "compliant"))
+        cols = ["id", "prompt", "chosen", "rejected", "chosen_verdict", "rejected_verdict", "reasons", "category"]
+        for row in table.filter(pc.invert(plain)).select(cols).to_pylist():
+            reasons = json.loads(row["reasons"])
+            for side in ("chosen", "rejected"):
+                if row[f"{side}_verdict"] == "non_compliant":
+                    for reason in reasons.get(side, []):
+                        name = reason.split(":", 1)[0]
+                        if name in self.hits:
+                            self.hits[name][side] += 1
+            if row["category"] == "unresolved":
+                self.unresolved[_reason_kind(row, reasons)] += 1
+            self._example(row, reasons)
+        if len(self.examples["retain"]) < self.k:
+            for row in table.filter(plain).slice(0, self.k).select(cols).to_pylist():
+                self._example(row, {})
+
+    def _example(self, row: dict, reasons: dict) -> None:
+        if len(self.examples[row["category"]]) < self.k:
+            ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
+            ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
+            ex["reasons"] = reasons
+            self.examples[row["category"]].append(ex)
 
     def to_dict(self) -> dict:
         total = sum(self.counts.values())
@@ -175,7 +183,10 @@ def _reason_kind(row: dict, reasons: dict) -> str:
         return msg.split(" (byte")[0].split(": ")[0].split(" at column")[0]
     for side in ("chosen", "rejected"):
         if row[f"{side}_verdict"] == "error" and reasons.get(side):
-            return f"{side}: " + reasons[side][0].split("'")[0].split(" after ")[0].strip()
+            r = reasons[side][0]
+            if "neither yes nor no" in r:  # drop the answer text, which differs per row
+                r = r.split(" nor no")[0] + " nor no"
+            return f"{side}: {r[:100]}"
     return "unknown"
 
 
@@ -246,8 +257,7 @@ def run_triage(
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 table = table.select(TRIAGED.names).cast(TRIAGED)
                 writer.write_table(table)
-                summary.add(table.select(["id", "prompt", "chosen", "rejected", "chosen_verdict",
-                                          "rejected_verdict", "reasons", "category"]).to_pylist())
+                summary.add(table)
                 bar.update(table.num_rows)
     finally:
         ctx.enable_progress_bars = old_bars
