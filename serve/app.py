@@ -71,9 +71,10 @@ def build_from_settings(s: ServeSettings, api_key: str | None = None):
             else:
                 judge = hf_deployment(s.hf).options(name="Judge").bind(
                     judge_spec, {}, s.hf.max_batch_size, s.hf.batch_wait_timeout_s, s.hf.dtype, None)
-        triage = triage_deployment().bind(policy.spec, judge)
+        triage = triage_deployment(s.triage_num_cpus).bind(policy.spec, judge)
     models = {"base_spec": table.base_spec, "base_name": table.base_name, "adapters": table.adapters}
-    return Gateway.bind(llm, triage, models, to_dict(s.limits), key_digest(api_key), s.guard,
+    gateway = Gateway.options(ray_actor_options={"num_cpus": s.gateway_num_cpus})
+    return gateway.bind(llm, triage, models, to_dict(s.limits), key_digest(api_key), s.guard,
                         policy.fingerprint if policy else None, backend)
 
 

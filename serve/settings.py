@@ -80,6 +80,8 @@ class ServeSettings:
     guard: bool = False  # check every completion against the policy (a request may also ask)
     judge_model: str | None = None  # model that answers `judge` rules (default: the served base)
     api_key_env: str = "TRACE_API_KEY"  # env var holding the bearer token (read at build time)
+    gateway_num_cpus: float = 0.25  # logical CPUs reserved by the HTTP ingress replica (async, light)
+    triage_num_cpus: float = 0.1  # logical CPUs reserved by the triage replica (rules are cheap)
     limits: Limits = field(default_factory=Limits)
     hf: HFOptions = field(default_factory=HFOptions)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
@@ -90,5 +92,7 @@ class ServeSettings:
         for name in self.adapters:
             if not name or ":" in name or "/" in name:
                 raise ConfigError(f"adapters.{name}: adapter names must be non-empty, without ':' or '/'")
+        if self.gateway_num_cpus < 0 or self.triage_num_cpus < 0:
+            raise ConfigError("gateway_num_cpus and triage_num_cpus must be >= 0")
         if self.guard and not self.policy:
             raise ConfigError("guard: needs a policy")

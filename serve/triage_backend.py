@@ -96,6 +96,6 @@ class TriageServer:
         return out  # type: ignore[return-value]
 
 
-def triage_deployment():
-    return serve.deployment(TriageServer, name="Triage", ray_actor_options={"num_cpus": 0.1},
+def triage_deployment(num_cpus: float = 0.1):
+    return serve.deployment(TriageServer, name="Triage", ray_actor_options={"num_cpus": num_cpus},
                             max_ongoing_requests=64)

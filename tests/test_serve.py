@@ -243,6 +243,27 @@ def test_guard_mode_reports_the_policy_verdict(server):
     assert "guard" not in r.json()["choices"][0]
 
 
+def test_metrics_reach_rays_prometheus_endpoint(server):
+    """Request counts, latency and verdict counts appear in the node's Prometheus export."""
+    import time
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    if not port:
+        pytest.skip("this Ray node exports no metrics")
+    _post(server, "/v1/triage", {"prompt": "p", "response": "r"})
+    wanted = ("trace_serve_requests", "trace_serve_request_latency_ms", "trace_serve_verdicts")
+    deadline, text = time.time() + 45, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted) and 'path="/v1/triage"' in text:
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"not exported: {missing}"
+
+
 # -- bad input -----------------------------------------------------------------------------------
 GOOD_CHAT = {"messages": MESSAGES, "max_tokens": 2, "temperature": 0}
 BAD = [
@@ -351,3 +372,62 @@ def test_cli_rejects_bad_settings_before_starting(tiny_model_dir, capsys):
 
     assert main(["serve", "--model", str(tiny_model_dir), "--set", "limits.max_tokens=0"]) == 2
     assert "limits.max_tokens" in capsys.readouterr().err
+
+
+# -- a judge rule: the triage deployment asks an LLM deployment ----------------------------------
+@pytest.fixture(scope="module")
+def judge_server(server, tiny_model_dir, tmp_path_factory):
+    """A second application (route prefix /judge) whose policy has a judge rule on the tiny model."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    p = tmp_path_factory.mktemp("judge") / "judge_policy.yaml"
+    p.write_text(
+        "name: judged\nversion: '1'\ndescription: no bread talk\nmode: any\nrules:\n"
+        "  - {name: bread, kind: keywords, keywords: [bread]}\n"
+        f"  - {{name: llm, kind: judge, backend: hf, model: '{tiny_model_dir}', max_new_tokens: 3,"
+        " system: 'Answer yes or no.'}\n"
+    )
+    serve.run(build_app({"model": str(tiny_model_dir), "policy": str(p), "hf.num_cpus": "0.25"}),
+              name="trace-judge", route_prefix="/judge")
+    yield {"url": server["url"] + "/judge", "policy": p}
+    serve.delete("trace-judge")
+
+
+def test_judge_rule_is_answered_by_an_llm_deployment(judge_server, tiny_model_dir):
+    import torch
+
+    from serve.triage_backend import judge_messages
+    from trace_ray.models.load import load_model, load_tokenizer
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import triage_records
+
+    policy = load_policy(judge_server["policy"])
+    rule = policy.judge_rule
+    records = [{"id": f"r{i}", "prompt": p, "chosen": c, "rejected": r, "meta": "{}"} for i, (p, c, r) in enumerate([
+        ("How do I bake bread?", "Mix flour and water.", "I can't help with that."),
+        ("What is the weather?", "Sunny today.", "Bread is nice."),
+    ])]
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir), attn_implementation=None)
+
+    def answer(prompt, response):
+        text = tok.apply_chat_template(judge_messages(rule, prompt, response), add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=rule.max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        row = out[0, ids.shape[1]:].tolist()
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        return tok.decode(row, skip_special_tokens=True)
+
+    answers = [(answer(r["prompt"], r["chosen"]), answer(r["prompt"], r["rejected"])) for r in records]
+    offline = triage_records(policy, records, judge_answers=answers)
+    items = [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in records]
+    r = requests.post(judge_server["url"] + "/v1/triage", json=items, timeout=60)  # this app has no key
+    assert r.status_code == 200, r.text
+    for on, off in zip(r.json()["results"], offline):
+        assert (on["chosen_verdict"], on["rejected_verdict"], on["category"]) == (
+            off["chosen_verdict"], off["rejected_verdict"], off["category"])
+        assert on["reasons"] == json.loads(off["reasons"])
+    assert "judge" in json.dumps(r.json())  # the judge rule took part (its answer or its verdict)
