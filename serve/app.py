@@ -53,7 +53,9 @@ def build_from_settings(s: ServeSettings, api_key: str | None = None):
         api_key = os.environ.get(s.api_key_env) or None
 
     if backend == "vllm":
-        from serve.vllm_backend import vllm_deployment
+        from serve.vllm_backend import check_settings, vllm_deployment
+
+        check_settings(table, s.vllm)
 
         llm = vllm_deployment(table, s.vllm)
     else:

@@ -58,6 +58,13 @@ class HFGenerator:
 
     # -- prompt ------------------------------------------------------------------------------
     def _encode(self, req: dict) -> list[int]:
+        if req.get("judge"):
+            # A policy's judge question: rendered and left-truncated exactly as the offline judge
+            # (trace_ray.policy.judge.HFJudge) does, so online and offline answers agree.
+            from trace_ray.policy.judge import HFJudge
+
+            ids = self.tok(HFJudge._text(self, req["messages"]), add_special_tokens=False)["input_ids"]
+            return ids[-max(8, (self.max_len or 4096) - req["max_tokens"]):]
         if "messages" in req:
             if self.tok.chat_template:
                 text = self.tok.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=False)

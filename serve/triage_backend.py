@@ -15,15 +15,6 @@ import json
 from ray import serve
 
 
-def judge_messages(rule, prompt: str, response: str) -> list[dict]:
-    """The chat sent to the judge model: the rule's system text (if any), then the rendered prompt."""
-    from trace_ray.policy.judge import render_judge_prompt
-
-    system = getattr(rule, "system", None)
-    user = {"role": "user", "content": render_judge_prompt(rule, prompt, response)}
-    return ([{"role": "system", "content": system}] if system else []) + [user]
-
-
 class PolicyRefused(ValueError):
     pass
 
@@ -54,8 +45,10 @@ class TriageServer:
 
     async def _judge(self, prompts: list[str], responses: list[str]) -> list[str | None]:
         """Raw judge answers, one per (prompt, response); None where the judge failed."""
+        from trace_ray.policy.judge import judge_messages
+
         reqs = [{"messages": judge_messages(self.rule, p, r), "max_tokens": self.rule.max_new_tokens,
-                 "temperature": 0.0, "top_p": 1.0, "stop": [], "model": None}
+                 "temperature": 0.0, "top_p": 1.0, "stop": [], "model": None, "judge": True}
                 for p, r in zip(prompts, responses)]
         outs = await asyncio.gather(*(self.judge.generate.remote(q) for q in reqs), return_exceptions=True)
         return [o.get("text") if isinstance(o, dict) else None for o in outs]

@@ -18,19 +18,30 @@ from serve import openai_format as oa
 from serve.schemas import ClientError
 
 
-def llm_config(table, opts):
-    """``ModelTable`` + ``VLLMOptions`` → ``ray.serve.llm.LLMConfig``."""
-    from ray.serve.llm import LLMConfig
-
+def check_settings(table, opts) -> None:
+    """What the vLLM path cannot serve, as ``ConfigError`` before anything starts (no vLLM needed)."""
     if table.base_spec.startswith("pypi:") or table.base_spec.endswith(".gguf"):
         raise ConfigError(f"model: {table.base_spec} is a GGUF model; the vllm backend serves HF folders or hub ids")
-    local = [n for n, folder in table.adapters.items() if not opts.lora_path]
-    if local:
+    if table.adapters and not opts.lora_path:
         raise ConfigError(
             "vllm.lora_path: ray.serve.llm loads LoRA adapters from object storage; upload "
-            f"{', '.join(local)} under one s3://, gs:// or azure:// folder (one sub-folder per adapter) "
+            f"{', '.join(table.adapters)} under one s3://, gs:// or azure:// folder (one sub-folder per adapter) "
             "and set vllm.lora_path, or use backend: hf"
         )
+    if opts.lora_path and not opts.lora_path.startswith(("s3://", "gs://", "abfss://", "azure://")):
+        raise ConfigError(f"vllm.lora_path: {opts.lora_path!r} must start with s3://, gs://, abfss:// or azure://")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("backend: vllm needs the vllm package (a CUDA machine: pip install 'trace-ray[gpu]'); "
+                          "use backend: hf on CPU")
+
+
+def llm_config(table, opts):
+    """``ModelTable`` + ``VLLMOptions`` → ``ray.serve.llm.LLMConfig``."""
+    check_settings(table, opts)
+    from ray.serve.llm import LLMConfig
+
     kwargs = dict(
         model_loading_config={"model_id": table.base_name, "model_source": table.base_spec},
         deployment_config={"autoscaling_config": {"min_replicas": opts.min_replicas,

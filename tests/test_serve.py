@@ -343,6 +343,25 @@ def test_build_app_validates_serve_run_arguments(tiny_model_dir):
         build_app({"model": str(tiny_model_dir / "missing")})
 
 
+def test_vllm_backend_settings_fail_before_anything_starts(tiny_model_dir, tmp_path):
+    """The GPU path is not exercised on CPU; its setting checks are (they need no vLLM)."""
+    from serve.app import build_app
+    from trace_ray.config import ConfigError
+
+    adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
+    with pytest.raises(ConfigError, match="vllm.lora_path: ray.serve.llm loads LoRA adapters from object storage"):
+        build_app({"model": str(adapter), "backend": "vllm"})
+    with pytest.raises(ConfigError, match="must start with s3://"):
+        build_app({"model": str(tiny_model_dir), "backend": "vllm", "vllm.lora_path": "/local/dir"})
+    with pytest.raises(ConfigError, match="GGUF"):
+        build_app({"model": "pypi:smollm2", "backend": "vllm"})
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="needs the vllm package"):
+            build_app({"model": str(tiny_model_dir), "backend": "vllm"})
+
+
 def test_serve_config_file_is_valid():
     import yaml
 
@@ -395,33 +414,18 @@ def judge_server(server, tiny_model_dir, tmp_path_factory):
     serve.delete("trace-judge")
 
 
-def test_judge_rule_is_answered_by_an_llm_deployment(judge_server, tiny_model_dir):
-    import torch
-
-    from serve.triage_backend import judge_messages
-    from trace_ray.models.load import load_model, load_tokenizer
+def test_judge_rule_is_answered_by_an_llm_deployment(judge_server):
     from trace_ray.policy import load_policy
+    from trace_ray.policy.judge import HFJudge
     from trace_ray.triage import triage_records
 
     policy = load_policy(judge_server["policy"])
-    rule = policy.judge_rule
-    records = [{"id": f"r{i}", "prompt": p, "chosen": c, "rejected": r, "meta": "{}"} for i, (p, c, r) in enumerate([
-        ("How do I bake bread?", "Mix flour and water.", "I can't help with that."),
-        ("What is the weather?", "Sunny today.", "Bread is nice."),
-    ])]
-    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir), attn_implementation=None)
-
-    def answer(prompt, response):
-        text = tok.apply_chat_template(judge_messages(rule, prompt, response), add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=rule.max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        row = out[0, ids.shape[1]:].tolist()
-        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        return tok.decode(row, skip_special_tokens=True)
-
-    answers = [(answer(r["prompt"], r["chosen"]), answer(r["prompt"], r["rejected"])) for r in records]
+    records = [{"id": f"r{i}", "prompt": p, "chosen": c, "rejected": r, "meta": "{}", "_error": None}
+               for i, (p, c, r) in enumerate([
+                   ("How do I bake bread?", "Mix flour and water.", "I can't help with that."),
+                   ("What is the weather?", "Sunny today.", "Bread is nice."),
+               ])]
+    answers = HFJudge(policy.judge_rule).answers(records)  # the offline judge, in this process
     offline = triage_records(policy, records, judge_answers=answers)
     items = [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in records]
     r = requests.post(judge_server["url"] + "/v1/triage", json=items, timeout=60)  # this app has no key
