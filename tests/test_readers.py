@@ -157,7 +157,12 @@ def test_bad_arguments_are_clear(tmp_path):
 def test_read_pairs_on_ray_matches_iter_records(ray_session, tmp_path, hh_path):
     p = tmp_path / "bad.jsonl"
     write_malformed(p)
-    for path, fmt in ((p, "pairs"), (hh_path, "auto")):
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in GOOD]),
+                   tmp_path / "good.parquet")
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in GOOD]).save_to_disk(
+        str(tmp_path / "ds"))
+    for path, fmt in ((p, "pairs"), (hh_path, "auto"), (tmp_path / "good.parquet", "auto"), (tmp_path / "ds", "auto")):
         ds = read_pairs(path, fmt)
         rows = ds.take_all()  # small test data; triage itself never collects on the driver
         want = list(iter_records(path, fmt))

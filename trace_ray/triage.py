@@ -244,9 +244,9 @@ def run_triage(
     old_bars = ctx.enable_progress_bars
     data_log = logging.getLogger("ray.data")
     old_level = data_log.level
-    if show_progress:  # one bar (ours, rows/s), not one per operator plus progress log lines
-        ctx.enable_progress_bars = False
-        data_log.setLevel(logging.WARNING)
+    # one bar (ours, rows/s), not one per operator, and no per-operator progress log lines
+    ctx.enable_progress_bars = False
+    data_log.setLevel(logging.WARNING)
     summary = Summary(policy)
     tmp = out_dir / ".triaged.parquet.tmp"
     t0 = time.perf_counter()
