@@ -2,10 +2,12 @@
 
 ``prepare_dataset`` (Ray Data, streaming, order preserved) and ``prepare_records`` (plain
 pyarrow, in-process, for ``train_local``) apply the same filters and the same UDF classes.
-``PresplitData`` hands worker ``i`` the contiguous, balanced slice ``i`` of the rows (sizes differ
-by at most one): a deterministic split, so a resumed run and a run on another number of workers
-see the same rows in the same order (Ray's default ``streaming_split`` assigns blocks
-dynamically). The ``gold`` dataset goes to every worker whole.
+``split_shards`` cuts the rows into contiguous, balanced slices ``train_{i}`` (sizes differ by at
+most one) on the driver, before the workers start (block slicing runs Ray tasks, which would wait
+forever once the workers hold every CPU); worker i reads ``train_{i}``. A deterministic split, so
+a resumed run and a run on another number of workers see the same rows in the same order (Ray's
+default ``streaming_split`` assigns blocks dynamically). The ``gold`` dataset goes to every worker
+whole. The trainer passes them all unsplit (``DataConfig(datasets_to_split=[])``).
 """
 
 from __future__ import annotations
@@ -109,23 +111,9 @@ def balanced_bounds(n: int, world: int) -> list[int]:
     return cuts
 
 
-def _data_config_base():
-    import ray.train
-
-    return ray.train.DataConfig
-
-
-class PresplitData(_data_config_base()):
-    """``DataConfig`` whose ``train`` split is deterministic and balanced (see module docstring)."""
-
-    def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
-        out = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            if name == "train":
-                parts = ds.split_at_indices(balanced_bounds(ds.count(), world_size)) if world_size > 1 else [ds]
-                for i, part in enumerate(parts):
-                    out[i][name] = part.iterator()
-            else:
-                for i in range(world_size):
-                    out[i][name] = ds.iterator()
-        return out
+def split_shards(ds, world: int) -> dict:
+    """``{"train_0": ds_0, ...}``: contiguous balanced slices, materialised."""
+    if world == 1:
+        return {"train_0": ds}
+    parts = ds.split_at_indices(balanced_bounds(ds.count(), world))
+    return {f"train_{i}": p.materialize() for i, p in enumerate(parts)}

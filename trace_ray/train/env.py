@@ -119,7 +119,12 @@ class RayEnv:
         from ray.experimental.tqdm_ray import tqdm
 
         kw.pop("dynamic_ncols", None)
-        return tqdm(**kw) if self.progress and self.rank == 0 else _NoBar()
+        if not (self.progress and self.rank == 0):
+            return _NoBar()
+        bar = tqdm(**kw)
+        if not hasattr(bar, "write"):
+            bar.write = lambda s: print(s, flush=True)
+        return bar
 
 
 class _NoBar:

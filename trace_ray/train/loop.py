@@ -2,7 +2,7 @@
 with ``train_local``.
 
 ``train_loop_per_worker`` reads only its ``config`` (``{"run": RunConfig as a dict, "plan": ...}``)
-and its dataset shards (``train``: this worker's rows; ``gold``: the gold batch, unsplit). The
+and its dataset shards (``train_{rank}``: this worker's rows, split on the driver; ``gold``: the gold batch, unsplit). The
 ``plan`` is computed by the driver: ``steps_per_epoch`` (the same on every worker; a worker whose
 shard runs out first feeds zero-loss padding rows so collectives stay in step), ``total_steps``.
 
@@ -45,7 +45,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = from_dict(RunConfig, config["run"])
     env = RayEnv(progress=cfg.logging.progress)
-    rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the step bar is the one to watch
+    rows = list(ray.train.get_dataset_shard(f"train_{env.rank}").iter_rows())
     gold_it = ray.train.get_dataset_shard("gold") if config["plan"].get("gold") else None
     gold = list(gold_it.iter_rows()) if gold_it is not None else []
     run_worker(cfg, config["plan"], rows, gold, env)

@@ -155,7 +155,7 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trace_ray.ray_utils import ensure_ray
-    from trace_ray.train.data import PresplitData, prepare_dataset
+    from trace_ray.train.data import prepare_dataset, split_shards
 
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +167,12 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
     plan = make_plan(cfg, n, world, out)
     plan["fail_at_step"] = fail_at_step
     plan["gold"] = cfg.impact.weights == "impact"
-    datasets = {"train": ds}
+    # The workers read their shard in one go; Ray Data's per-read bars would only clutter the
+    # step bar, so the shards (and gold) are created with progress bars off.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = split_shards(ds, world)
     if plan["gold"]:
-        datasets["gold"] = ray.data.from_items(gold_records(cfg))
+        datasets["gold"] = ray.data.from_items(gold_records(cfg)).materialize()
     use_gpu = cfg.backend.use_gpu
     env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM") if k in os.environ}
     trainer = TorchTrainer(
@@ -187,9 +190,12 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
             worker_runtime_env={"env_vars": env_vars} if env_vars else None,
         ),
         datasets=datasets,
-        dataset_config=PresplitData(),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.data.DataContext.get_current().enable_progress_bars = True
     if result.checkpoint is None:
         raise RuntimeError("realign: Ray Train finished without a final checkpoint")
     with result.checkpoint.as_directory() as d:
