@@ -236,7 +236,8 @@ def impact_scores(
     beta: float = 0.3,
     npo_normalize: bool = True,
     nll_lambda: float = 0.0,
-    fd_eps: float = 1e-3,
+    fd_delta: float = 0.02,
+    fd_eps: float | None = None,
     micro_batch: int | None = None,
     eval: bool = True,
 ) -> torch.Tensor:
@@ -245,9 +246,12 @@ def impact_scores(
     ``method``: ``exact`` — one forward+backward per invert/punish sample, dot with g_J (the
     reference); ``jvp`` — ``torch.func.jvp`` of the batch's per-sample losses along g_J, one
     forward-mode pass (needs eager/math attention); ``fd`` — central difference
-    ``‖g‖·(L(θ+εĝ) − L(θ−εĝ)) / 2ε`` with ĝ = g/‖g‖ and ε = ``fd_eps``·‖θ‖ (trainable θ), two
-    no-grad forwards, log-probs in fp32 (use fp32 parameters); θ is restored bit-exactly from a
-    copy. ``micro_batch`` splits the batch into chunks of that many pairs (bounds memory; same
+    ``‖g‖·(L(θ+εĝ) − L(θ−εĝ)) / 2ε`` with ĝ = g/‖g‖, two no-grad forwards, log-probs in fp32 (use
+    fp32 parameters); θ is restored bit-exactly from a copy. The step is ``ε = fd_delta/‖g_J‖``:
+    the step along ĝ that changes J by ``fd_delta`` to first order (J ≈ ln 2 at θ_ref), which is
+    invariant to how the parameters are scaled; ``fd_eps`` instead sets ``ε = fd_eps·‖θ‖`` (the
+    DESIGN's first rule — measured to need 1e-4 for full parameters but 1e-2 for LoRA at B = 0, see
+    docs/method.md). ``micro_batch`` splits the batch into chunks of that many pairs (bounds memory; same
     result). ``eval=False`` scores in the model's current mode (train mode: dropout → random).
     The batch layout and the loss scored are described in the module docstring.
     """
@@ -277,7 +281,7 @@ def impact_scores(
             scores[active] = _exact(model, params, batch, active, g_J, kw)
         else:
             if method == "fd":
-                gnorm, eps = _fd_step(params, g_J, fd_eps)
+                gnorm, eps = _fd_step(params, g_J, fd_delta, fd_eps)
             for s in range(0, active.numel(), step):
                 pairs = active[s : s + step]
                 sub = _rows_of(batch, pairs)
@@ -320,14 +324,16 @@ def _jvp(model, params, sub, g_J, kw) -> torch.Tensor:
     return directional.detach()
 
 
-def _fd_step(params, g_J, fd_eps) -> tuple[float, float]:
-    """(‖g_J‖, ε = fd_eps·‖θ‖) in float64."""
+def _fd_step(params, g_J, fd_delta: float, fd_eps: float | None) -> tuple[float, float]:
+    """(‖g_J‖, ε) in float64: ε = fd_delta/‖g_J‖, or fd_eps·‖θ‖ when fd_eps is given."""
     with torch.no_grad():
         gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_J))
         tnorm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
     if any(p.dtype != torch.float32 for p in params):
         warnings.warn("impact_scores(method='fd'): parameters are not fp32; the ±ε step loses precision")
-    return gnorm, fd_eps * (tnorm if tnorm > 0 else 1.0)
+    if fd_eps is not None:
+        return gnorm, fd_eps * (tnorm if tnorm > 0 else 1.0)
+    return gnorm, (fd_delta / gnorm if gnorm > 0 else 0.0)
 
 
 def _fd(model, params, sub, g_J, gnorm, eps, kw) -> torch.Tensor:
