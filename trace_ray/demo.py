@@ -36,11 +36,12 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    max_steps: int = 80
+    max_steps: int = 60
     num_samples: int = 4  # sampled generations per held-out prompt
     temperature: float = 1.0
+    eval_stride: int = 1  # evaluate every k-th held-out prompt (quick runs)
     parallel: int = 2  # concurrent training runs (Ray tasks, 1 CPU and 1 torch thread each)
     extra_overrides: list[str] = field(default_factory=list)  # key=value for every RunConfig
 
@@ -54,7 +55,7 @@ class DemoConfig:
 
 def quick_config(out: str) -> DemoConfig:
     """The ``--quick`` demo (tests): one learning rate, one seed, few steps, a smaller reference."""
-    return DemoConfig(out=out, quick=True, lrs=[3e-3], seeds=[0], max_steps=8, num_samples=2)
+    return DemoConfig(out=out, quick=True, lrs=[3e-3], seeds=[0], max_steps=8, num_samples=2, eval_stride=3)
 
 
 # ----------------------------------------------------------------------------- one run (a Ray task)
@@ -83,7 +84,8 @@ def run_one(job: dict) -> dict:
     for split in job["splits"]:
         m = evaluate_model(model, tok, world, oracle=oracle, ref_model=ref, ref_summary=job["ref_summary"][split],
                            split=split, num_samples=job["num_samples"], temperature=job["temperature"],
-                           seed=job["seed"], with_rows=split == "test")
+                           seed=job["seed"], with_rows=split == "test",
+                           stride=job.get("stride", 1))
         rows = m.pop("rows", None)
         if rows:
             shifted = [r for r in rows if r["shifted"]]
@@ -150,7 +152,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     ref_metrics = {}
     for split in ("val", "test"):
         m = evaluate_model(ref_model, tok, world, oracle=oracle, ref_model=None, split=split,
-                           num_samples=cfg.num_samples, temperature=cfg.temperature, seed=0)
+                           num_samples=cfg.num_samples, temperature=cfg.temperature, seed=0,
+                           stride=cfg.eval_stride)
         ref_summary[split] = {k: m[k] for k in ("detail_rate_unshifted", "refusal_rate_unshifted")}
         ref_metrics[split] = m
     ref_metrics["test"].update(collateral=0.0, refusal_rise=0.0, kl_to_ref=0.0)
@@ -166,7 +169,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                           f"optim.lr={lr}", f"train.seed={seed}", f"train.max_steps={cfg.max_steps}",
                           "logging.progress=false", *cfg.extra_overrides],
             "reference": str(ref_dir), "policy": str(POLICY_PATH), "world": asdict(world_cfg),
-            "ref_summary": ref_summary, "num_samples": cfg.num_samples, "temperature": cfg.temperature,
+            "ref_summary": ref_summary, "num_samples": cfg.num_samples, "stride": cfg.eval_stride, "temperature": cfg.temperature,
         }
 
     task = ray.remote(num_cpus=1)(run_one)

@@ -275,14 +275,16 @@ def utility_and_preferences(model, tokenizer, test_pairs: list[dict], ref_model=
 def evaluate_model(model, tokenizer, world: ss.World, *, oracle: Oracle = world_oracle, ref_model=None,
                    ref_summary: dict | None = None, split: str = "test", num_samples: int = 4,
                    temperature: float = 1.0, seed: int = 0, backend: str = "hf",
-                   model_path: str | None = None, with_rows: bool = False) -> dict:
-    """All metrics of the module docstring on ``split`` (``val`` for picking hyper-parameters)."""
-    prompts = world.prompts[split]
+                   model_path: str | None = None, with_rows: bool = False, stride: int = 1) -> dict:
+    """All metrics of the module docstring on ``split`` (``val`` for picking hyper-parameters).
+
+    ``stride`` > 1 keeps every ``stride``-th prompt and pair (quick runs and tests)."""
+    prompts = world.prompts[split][::stride]
     beh = behaviour(model, tokenizer, prompts, oracle, num_samples=num_samples, temperature=temperature,
                     seed=seed, backend=backend, model_path=model_path)
     probs = style_probabilities(model, tokenizer, prompts)
     out = summarize(beh["rows"], probs, ref_summary)
-    out.update(utility_and_preferences(model, tokenizer, world.pairs[split], ref_model))
+    out.update(utility_and_preferences(model, tokenizer, world.pairs[split][::stride], ref_model))
     out["split"] = split
     out["num_prompts"] = len(prompts)
     out["num_samples"] = num_samples

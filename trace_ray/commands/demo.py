@@ -1,6 +1,6 @@
 """``trace-ray demo``: the whole pipeline on SynthShift with a tiny model on a local Ray.
 
-    trace-ray demo --out runs/demo            # full: 4 methods × 3 learning rates × 3 seeds
+    trace-ray demo --out runs/demo            # full: 4 methods × 2 learning rates (picked on validation) × 3 seeds
     trace-ray demo --out runs/quick --quick   # a minute or two: 1 lr, 1 seed, few steps
 """
 
@@ -17,9 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of naive_dpo,npo_all,trace_uniform,trace (default: all four)")
     p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid, picked per method on validation "
-                                               "(default 3e-4,1e-3,3e-3; quick: 3e-3)")
+                                               "(default 1e-3,3e-3; quick: 3e-3)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 80; quick: 8)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; quick: 8)")
     p.add_argument("--num-samples", type=int, default=None, help="sampled answers per held-out prompt (default 4)")
     p.add_argument("--parallel", type=int, default=None, help="concurrent training runs as Ray tasks (default 2)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

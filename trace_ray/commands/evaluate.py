@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--world-seed", type=int, default=0, help="SynthShift world seed (default 0, as the demo)")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="generation: transformers (CPU/GPU) or vLLM (GPU)")
+    p.add_argument("--stride", type=int, default=1, help="evaluate every k-th prompt only (quick checks; default 1 = all)")
     p.add_argument("--out", default="metrics.json", help="output JSON path (default metrics.json)")
     p.set_defaults(func=run)
 
@@ -42,11 +43,12 @@ def run(args) -> int:
     if args.reference:
         ref, _ = load_for_eval(args.reference)
         rm = evaluate_model(ref, tok, world, oracle=policy_oracle(policy), split=args.split,
-                            num_samples=args.num_samples, temperature=args.temperature, seed=args.seed)
+                            num_samples=args.num_samples, temperature=args.temperature, seed=args.seed,
+                            stride=args.stride)
         ref_summary = {k: rm[k] for k in ("detail_rate_unshifted", "refusal_rate_unshifted")}
     m = evaluate_model(model, tok, world, oracle=policy_oracle(policy), ref_model=ref, ref_summary=ref_summary,
                        split=args.split, num_samples=args.num_samples, temperature=args.temperature, seed=args.seed,
-                       backend=args.backend, model_path=args.model)
+                       backend=args.backend, model_path=args.model, stride=args.stride)
     m["model"] = str(args.model)
     m["policy"] = policy.fingerprint
     write_metrics(m, args.out)
