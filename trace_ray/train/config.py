@@ -229,6 +229,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self):
+        # sections left out of the YAML are not validated on their own: check the required fields
+        self.data.validate()
+        self.model.validate()
+        self.output.validate()
         if self.reference.mode == "adapter_disabled" and not self.model.lora.enabled:
             raise ConfigError(
                 "reference.mode: adapter_disabled needs model.lora.enabled=true "

@@ -80,7 +80,9 @@ def save_final(d: Path, model, tokenizer, *, lora: bool, merge: bool, save_token
     if save_tokenizer:
         tokenizer.save_pretrained(str(target))
     if lora and merge:
-        merged = model.merge_and_unload()
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()  # the trained adapter model stays usable
         merged.save_pretrained(str(d / "model"), safe_serialization=True)
         if save_tokenizer:
             tokenizer.save_pretrained(str(d / "model"))
