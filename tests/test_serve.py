@@ -241,6 +241,10 @@ def test_guard_mode_reports_the_policy_verdict(server):
     assert choice["guard"]["verdict"] == expected.verdict
     r = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0})
     assert "guard" not in r.json()["choices"][0]
+    r = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "guard": True,
+                                               "stream": True}, stream=True)
+    final = [c for c in _sse(r) if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert final[0]["guard"]["verdict"] == expected.verdict
 
 
 def test_metrics_reach_rays_prometheus_endpoint(server):
@@ -435,3 +439,47 @@ def test_judge_rule_is_answered_by_an_llm_deployment(judge_server):
             off["chosen_verdict"], off["rejected_verdict"], off["category"])
         assert on["reasons"] == json.loads(off["reasons"])
     assert "judge" in json.dumps(r.json())  # the judge rule took part (its answer or its verdict)
+
+
+@pytest.mark.slow  # starts a second Ray instance in a subprocess (~25 s on a quiet 2-core box)
+def test_trace_ray_serve_command_end_to_end(tiny_model_dir, tmp_path):
+    """The user's command in its own process (own Ray): key from $TRACE_API_KEY, loopback bind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port, key = _free_port(), "cli-key-" + os.urandom(4).hex()
+    env = {**os.environ, "TRACE_API_KEY": key, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trace_ray", "serve", "--model", str(tiny_model_dir), "--policy", str(PKU_POLICY),
+         "--port", str(port), "--served-name", "tiny", "--set", "hf.num_cpus=0.5"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/healthz", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            time.sleep(2)
+        assert requests.get(url + "/v1/models", timeout=30).status_code == 401
+        r = requests.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                          json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == _local_greedy(tiny_model_dir, None, MESSAGES, max_new=4)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
