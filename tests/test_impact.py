@@ -189,3 +189,24 @@ def test_bad_arguments_are_clear_errors(tiny_tokenizer, tiny_model):
         impact_scores(tiny_model, batch, g, "adjoint")
     with pytest.raises(ValueError, match="g_J"):
         impact_scores(tiny_model, batch, g[:-1], "jvp")
+
+
+def test_jvp_works_under_sdpa_attention(tiny_tokenizer):
+    """The CPU flash SDPA kernel has no forward AD; impact_scores forces the math kernel, so a
+    model loaded with the default attn_implementation="sdpa" scores like exact."""
+    from trace_ray.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0, attn_implementation="sdpa")
+    batch, g = setup(tiny_tokenizer, model)
+    exact, jvp = impact_scores(model, batch, g, "exact"), impact_scores(model, batch, g, "jvp")
+    assert float((jvp - exact).abs().max() / exact.abs().max()) <= 1e-4
+
+
+def test_fd_step_rules(tiny_tokenizer, tiny_model):
+    """fd_delta (default, ε = δ/‖g‖) and the ‖θ‖ rule (fd_eps) both track exact on the tiny model."""
+    batch, g = setup(tiny_tokenizer, tiny_model)
+    exact = impact_scores(tiny_model, batch, g, "exact")
+    active = exact != 0
+    for kw in ({"fd_delta": 0.005}, {"fd_eps": 1e-4}):
+        fd = impact_scores(tiny_model, batch, g, "fd", **kw)
+        assert pearson(fd[active], exact[active]) >= 0.999, kw
