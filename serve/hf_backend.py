@@ -20,6 +20,8 @@ from typing import Any
 
 from ray import serve
 
+GREEDY_BELOW = 0.01  # temperatures under this decode greedily (dividing logits by ~0 overflows)
+
 
 def _apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Cut ``text`` at the earliest stop string; (text, stopped)."""
@@ -73,6 +75,16 @@ class HFGenerator:
             return self.tok(text)["input_ids"]
         return self.tok(req["prompt"])["input_ids"]
 
+    def _encode_checked(self, req: dict) -> tuple[list[int], str | None]:
+        """Token ids, or an error message for the client (bad chat for the template, empty, too long)."""
+        try:
+            ids = self._encode(req)
+        except Exception as e:  # e.g. a chat template that rejects this role order
+            return [], f"the prompt could not be built: {type(e).__name__}: {str(e)[:200]}"
+        if not ids:
+            return [], "the prompt is empty (it encodes to no tokens)"
+        return ids, self._check_len(ids, req["max_tokens"])
+
     def _check_len(self, ids: list[int], max_tokens: int) -> str | None:
         if self.max_len and len(ids) + max_tokens > self.max_len:
             return (f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
@@ -93,7 +105,7 @@ class HFGenerator:
         temp = float(req.get("temperature", 1.0))
         kw: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": self.pad_id,
                               "eos_token_id": sorted(self.eos_ids)}
-        if temp > 0:
+        if temp >= GREEDY_BELOW:
             kw.update(do_sample=True, temperature=temp, top_p=float(req.get("top_p", 1.0)))
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -127,9 +139,8 @@ class HFGenerator:
         groups: dict[tuple, list[int]] = {}
         encoded: list[list[int]] = []
         for i, r in enumerate(reqs):
-            ids = self._encode(r)
+            ids, err = self._encode_checked(r)
             encoded.append(ids)
-            err = self._check_len(ids, r["max_tokens"])
             if err:
                 results[i] = {"error": err}
                 continue
@@ -151,8 +162,7 @@ class HFGenerator:
         import torch
         from transformers import TextIteratorStreamer
 
-        ids = self._encode(req)
-        err = self._check_len(ids, req["max_tokens"])
+        ids, err = self._encode_checked(req)
         if err:
             yield {"error": err}
             return

@@ -114,6 +114,10 @@ def parse(model_cls, data):
         raise ClientError(422, "; ".join(parts)) from None
 
 
+def _error_kind(message: str) -> str:
+    return "context_length_exceeded" if "context" in message else "invalid_request_error"
+
+
 def _last_user_text(messages: list[dict]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
@@ -165,7 +169,10 @@ class Gateway:
 
     async def _guard(self, prompts: list[str], texts: list[str]) -> list[dict]:
         items = [{"prompt": p, "response": t} for p, t in zip(prompts, texts)]
-        return await self.triage.run.remote(items)
+        results = await self.triage.run.remote(items)
+        if len(results) == 1 and "error" in results[0]:  # guard checks carry no meta: should not happen
+            raise RuntimeError(results[0]["error"])
+        return results
 
     # -- routes ------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -219,6 +226,8 @@ class Gateway:
             items = parse(TriageBatch, {"items": data} if isinstance(data, list) else data).items
         check_triage(items, self.limits)
         results = await self.triage.run.remote([it.model_dump() for it in items])
+        if len(results) == 1 and "error" in results[0]:
+            raise ClientError(422, results[0]["error"])
         return results[0] if single else {"policy": self.policy, "results": results}
 
     # -- the transformers backend --------------------------------------------------------------
@@ -231,7 +240,7 @@ class Gateway:
         results = await asyncio.gather(*(self.llm.generate.remote(g) for g, _ in calls))
         errors = [r["error"] for r in results if "error" in r]
         if errors:
-            raise ClientError(400, errors[0], "context_length_exceeded")
+            raise ClientError(400, errors[0], _error_kind(errors[0]))
         make = oa.chat_choice if kind == "chat" else oa.completion_choice
         choices = [make(i, r["text"], r["finish_reason"]) for i, r in enumerate(results)]
         if guard:
@@ -246,7 +255,7 @@ class Gateway:
         stream = self.llm.options(stream=True).stream.remote(gen)
         first = await stream.__anext__()
         if "error" in first:
-            raise ClientError(400, first["error"], "context_length_exceeded")
+            raise ClientError(400, first["error"], _error_kind(first["error"]))
 
         async def events():
             text = ""

@@ -54,7 +54,18 @@ class TriageServer:
         return [o.get("text") if isinstance(o, dict) else None for o in outs]
 
     async def run(self, items: list[dict]) -> list[dict]:
-        """Items as validated by ``serve.schemas.TriageItem`` (dicts) → one result per item."""
+        """Items as validated by ``serve.schemas.TriageItem`` (dicts) → one result per item.
+
+        A rule that cannot handle an item's values (e.g. ``meta.severity`` given as text) answers
+        ``[{"error": msg}]``, which the Gateway turns into a 422 — a client's data, not a crash.
+        """
+        try:
+            return await self._run(items)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            return [{"error": f"the policy could not judge these items ({type(e).__name__}: {str(e)[:200]}); "
+                              "check the types in 'meta'"}]
+
+    async def _run(self, items: list[dict]) -> list[dict]:
         from trace_ray.data.schema import row_id
         from trace_ray.triage import triage_records
 

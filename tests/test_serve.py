@@ -182,6 +182,9 @@ def test_sampling_n_choices(server):
     r = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "n": 3, "temperature": 1.0})
     assert r.status_code == 200
     assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+    r = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 8, "temperature": 1e-6})
+    assert r.status_code == 200  # near-zero temperature decodes greedily instead of overflowing
+    assert r.json()["choices"][0]["message"]["content"] == _local_greedy(server["base"], None, messages=MESSAGES)[0]
 
 
 # -- triage ------------------------------------------------------------------------------------
@@ -301,6 +304,10 @@ BAD = [
     ("/v1/triage", json.dumps({"items": []}).encode(), 422, "items"),
     ("/v1/triage", json.dumps([{"prompt": "p", "response": "r"}] * 65).encode(), 413, "limit is 64"),
     ("/v1/triage", json.dumps({"prompt": "p", "response": "r" * 4001}).encode(), 413, "items[0].response"),
+    ("/v1/triage", json.dumps({"prompt": "p", "response": "r", "meta": {"severity": "high"}}).encode(), 422, "meta"),
+    ("/v1/completions", json.dumps({"prompt": "", "max_tokens": 2}).encode(), 400, "empty"),
+    ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "messages": [{"role": "user", "content": "x " * 600}]}).encode(),
+     400, "context"),
 ]
 
 
