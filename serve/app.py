@@ -37,7 +37,7 @@ def build_from_settings(s: ServeSettings, api_key: str | None = None):
     """``ServeSettings`` → a bound Serve ``Application`` (nothing is started here)."""
     from serve.hf_backend import hf_deployment
     from serve.ingress import Gateway, key_digest
-    from serve.models import build_model_table
+    from serve.models import REMOTE, build_model_table
     from serve.triage_backend import refuse_callables, triage_deployment
     from trace_ray.config import to_dict
 
@@ -52,6 +52,10 @@ def build_from_settings(s: ServeSettings, api_key: str | None = None):
     if api_key is None:
         api_key = os.environ.get(s.api_key_env) or None
 
+    remote = [n for n, folder in table.adapters.items() if folder.startswith(REMOTE)]
+    if backend == "hf" and remote:
+        raise ConfigError(f"adapters: {', '.join(remote)} are in object storage; the hf backend loads local "
+                          "adapter folders (object-storage adapters are for backend: vllm)")
     if backend == "vllm":
         from serve.vllm_backend import check_settings, vllm_deployment
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from trace_ray.config import ConfigError
 
+REMOTE = ("s3://", "gs://", "abfss://", "azure://")
+
 
 @dataclass
 class ModelTable:
@@ -67,7 +69,9 @@ def build_model_table(model: str, adapters: dict[str, str], served_name: str | N
             raise ConfigError(f"model: {model}/adapter_config.json names no base_model_name_or_path")
         table_adapters[default_adapter_name(model)] = str(model)
     for name, folder in adapters.items():
-        if not _is_adapter(folder):
+        if folder.startswith(REMOTE):  # the vLLM path loads these itself (serve/vllm_backend.py)
+            pass
+        elif not _is_adapter(folder):
             raise ConfigError(f"adapters.{name}: {folder} is not a peft adapter folder (no adapter_config.json)")
         if name in table_adapters:
             raise ConfigError(f"adapters.{name}: the name is used twice")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from trace_ray.config import ConfigError
 
 from serve import openai_format as oa
+from serve.models import REMOTE
 from serve.schemas import ClientError
 
 
@@ -22,14 +23,16 @@ def check_settings(table, opts) -> None:
     """What the vLLM path cannot serve, as ``ConfigError`` before anything starts (no vLLM needed)."""
     if table.base_spec.startswith("pypi:") or table.base_spec.endswith(".gguf"):
         raise ConfigError(f"model: {table.base_spec} is a GGUF model; the vllm backend serves HF folders or hub ids")
-    if table.adapters and not opts.lora_path:
-        raise ConfigError(
-            "vllm.lora_path: ray.serve.llm loads LoRA adapters from object storage; upload "
-            f"{', '.join(table.adapters)} under one s3://, gs:// or azure:// folder (one sub-folder per adapter) "
-            "and set vllm.lora_path, or use backend: hf"
-        )
-    if opts.lora_path and not opts.lora_path.startswith(("s3://", "gs://", "abfss://", "azure://")):
+    if opts.lora_path and not opts.lora_path.startswith(REMOTE):
         raise ConfigError(f"vllm.lora_path: {opts.lora_path!r} must start with s3://, gs://, abfss:// or azure://")
+    root = (opts.lora_path or "").rstrip("/")
+    misplaced = [n for n, folder in table.adapters.items() if not root or folder.rstrip("/") != f"{root}/{n}"]
+    if misplaced:
+        raise ConfigError(
+            "vllm.lora_path: ray.serve.llm loads LoRA adapters from object storage, one sub-folder per adapter "
+            f"named as the adapter; upload {', '.join(misplaced)} to <lora_path>/<name>/, set vllm.lora_path and "
+            "give adapters as {name: <lora_path>/<name>} — or use backend: hf for local adapter folders"
+        )
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:

@@ -362,6 +362,9 @@ def test_vllm_backend_settings_fail_before_anything_starts(tiny_model_dir, tmp_p
     adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     with pytest.raises(ConfigError, match="vllm.lora_path: ray.serve.llm loads LoRA adapters from object storage"):
         build_app({"model": str(adapter), "backend": "vllm"})
+    with pytest.raises(ConfigError, match="upload v9 to <lora_path>/<name>/"):
+        build_app({"model": str(tiny_model_dir), "backend": "vllm", "vllm.lora_path": "s3://b/adapters",
+                   "adapters": {"v9": "s3://b/elsewhere/v9"}})
     with pytest.raises(ConfigError, match="must start with s3://"):
         build_app({"model": str(tiny_model_dir), "backend": "vllm", "vllm.lora_path": "/local/dir"})
     with pytest.raises(ConfigError, match="GGUF"):
