@@ -100,3 +100,14 @@ def test_plan_and_split():
     # 9 rows on the larger worker, 8 per optimizer step → 2 steps per epoch, 6 in all
     assert plan["steps_per_epoch"] == 2 and plan["total_steps"] == 6
     assert balanced_bounds(17, 2) == [9] and balanced_bounds(10, 3) == [4, 7] and balanced_bounds(5, 1) == []
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from trace_ray.train.run import _write_config
+
+    base = {"data": {"triaged": "t"}, "model": {"name": "m"}, "output": {"dir": str(tmp_path)}}
+    _write_config(from_dict(RunConfig, base), tmp_path, has_checkpoints=False)
+    same = dict(base, logging={"progress": False}, train={"log_every": 5})  # free to change on resume
+    _write_config(from_dict(RunConfig, same), tmp_path, has_checkpoints=True)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        _write_config(from_dict(RunConfig, dict(base, optim={"lr": 1e-3})), tmp_path, has_checkpoints=True)

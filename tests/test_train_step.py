@@ -181,3 +181,32 @@ def test_train_local_learns_saves_and_resumes(tiny_model_dir, tmp_path):
     for n, p in res_b["model"].named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, pa_[n], rtol=1e-5, atol=1e-6)
+
+
+def test_corrected_pass_and_loss(tiny_model_dir, tmp_path):
+    """The y_c pass keeps only oracle-compliant corrections for punish rows; the trainer then uses
+    DPO(y_c ≻ y_w) + DPO(y_c ≻ y_l) for them: 2·ln 2 per row at policy = reference."""
+    import pandas as pd
+
+    from trace_ray.train import train_local
+    from trace_ray.train.corrected import CorrectedResponses
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "name: test\nversion: '1'\ndescription: Never say the forbidden word.\nmode: any\n"
+        "rules:\n  - name: forbidden\n    kind: keywords\n    keywords: [zyzzyva]\n"
+    )
+    recs = triaged_rows(n_invert=1, n_punish=2, n_retain=1, n_unresolved=0)
+    gen = CorrectedResponses(str(tiny_model_dir), str(policy), "Follow: {policy}", max_new_tokens=8, temperature=0.0)
+    df = gen(pd.DataFrame(recs))
+    got = df["corrected"].tolist()
+    assert [bool(c) for c in got] == [r["category"] == "punish" for r in recs]  # compliant y_c for punish only
+
+    tri = write_triaged(tmp_path / "t.parquet", n_invert=1, n_punish=2, n_retain=0, n_unresolved=0)
+    cfg = run_dict(tiny_model_dir, tri, tmp_path / "o", loss={"alpha_kl": 0.0},
+                   corrected={"enabled": True, "policy": str(policy), "max_new_tokens": 8},
+                   impact={"weights": "uniform"}, train={"batch_size": 3, "max_steps": 1},
+                   logging={"progress": False, "tensorboard": True})
+    first = train_local(cfg)["metrics"][0]
+    assert first["L_II"] == pytest.approx(2 * LN2, rel=1e-5) and first["L_I"] == pytest.approx(LN2, rel=1e-5)
+    assert any((tmp_path / "o" / "tensorboard").iterdir())

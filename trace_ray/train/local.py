@@ -26,7 +26,7 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
     from trace_ray.train.data import prepare_records
     from trace_ray.train.env import LocalEnv
     from trace_ray.train.loop import run_worker
-    from trace_ray.train.run import as_run_config, check_inputs, collect_outputs, gold_records, make_plan, used_categories
+    from trace_ray.train.run import _write_config, as_run_config, check_inputs, collect_outputs, gold_records, make_plan, used_categories
 
     cfg: RunConfig = as_run_config(config)
     if records is None:
@@ -37,6 +37,7 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
         records = [r for r in records if r.get("category") in cats]
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, out, has_checkpoints=any((out / "checkpoints").glob("step_*")))
     plan = make_plan(cfg, len(records), 1, out)
     plan["fail_at_step"] = fail_at_step
     gold = gold_records(cfg) if cfg.impact.weights == "impact" else []

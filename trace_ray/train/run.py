@@ -159,7 +159,7 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
 
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, out)
+    _write_config(cfg, out, has_checkpoints=any((out / "ray_train").glob("realign/checkpoint_*")))
     ensure_ray()
     ds = prepare_dataset(cfg, out)
     n = ds.count()
@@ -215,10 +215,38 @@ def _entry(config: dict) -> None:
     train_loop_per_worker(config)
 
 
-def _write_config(cfg: RunConfig, out: Path) -> None:
+# Fields that may change between a run and its resumption (they do not change what is trained).
+RESUME_FREE = ("logging", "output", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "backend.timeout_s")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "backend.deepspeed":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _write_config(cfg: RunConfig, out: Path, has_checkpoints: bool) -> None:
+    """Write OUT/run_config.yaml; refuse to resume checkpoints made with a different config."""
     import yaml
 
-    (out / "run_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path = out / "run_config.yaml"
+    new = to_dict(cfg)
+    if has_checkpoints and path.exists():
+        a, b = _flat(yaml.safe_load(path.read_text())), _flat(new)
+        diff = sorted(k for k in set(a) | set(b)
+                      if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE))
+        if diff:
+            raise ConfigError(
+                f"output.dir: {out} holds checkpoints of a run with another config (differs in {', '.join(diff)}); "
+                "use a new output.dir, or delete its checkpoints to start over"
+            )
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
 
 
 def collect_outputs(ckpt: Path, out: Path) -> dict:

@@ -26,7 +26,6 @@ DPO, y_c for corrections; NPO has no winner).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -101,9 +100,10 @@ def collate(tokenizer, records: Sequence[Mapping[str, Any]], settings: StepSetti
             for k in keys:
                 for r in pref:
                     v = r.get(k)
-                    if v is None or (isinstance(v, float) and math.isnan(v) and not (k == "ref_corrected_logps" and not r.get("corrected"))):
+                    missing = v is None or (isinstance(v, float) and math.isnan(v))
+                    if missing and not (k == "ref_corrected_logps" and not r.get("corrected")):
                         raise ValueError(f"reference.mode=precomputed but row {r.get('id')} has no {k}")
-                    vals.append(0.0 if v is None or math.isnan(v) else float(v))
+                    vals.append(0.0 if missing else float(v))
             out["pref_ref"] = torch.tensor(vals, dtype=torch.float32)
         else:
             out["pref_ref"] = None
@@ -263,7 +263,3 @@ def stats_tensor(s: dict) -> torch.Tensor:
 def tensor_stats(t: torch.Tensor) -> dict:
     return {k: float(v) for k, v in zip(STAT_KEYS, t.tolist())}
 
-
-@contextlib.contextmanager
-def nullcontext():
-    yield
