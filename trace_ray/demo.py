@@ -36,9 +36,9 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    lrs: list[float] = field(default_factory=lambda: [7e-4, 1.5e-3])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    max_steps: int = 60
+    max_steps: int = 150
     num_samples: int = 4  # sampled generations per held-out prompt
     temperature: float = 1.0
     eval_stride: int = 1  # evaluate every k-th held-out prompt (quick runs)

@@ -284,19 +284,20 @@ def build_world(config: WorldConfig | None = None) -> World:
 def topic_mixes(seed: int = 0) -> dict[str, dict[str, list[float]]]:
     """Per topic, the style mix of the reference's training data in each stage (seeded).
 
-    ``styles``: broad (every style common); ``old``: detail-heavy (the old policy), with a
-    topic-dependent share of hedging between 8 % and 25 %, as a real model hedges more on some
-    subjects than others. No knob is shifted-topic specific: the draw ignores which topics shift.
+    ``styles``: broad (every style common; hedging between 10 % and 60 % depending on the topic, so
+    the model learns to choose its style from the topic); ``old``: detail-heavy (the old policy),
+    with a topic-dependent share of hedging between 5 % and 30 %, as a real model hedges more on
+    some subjects than others. No knob is shifted-topic specific: the draw ignores which topics shift.
     """
     rng = random.Random(1000 + seed)
     out = {}
     for topic in TOPICS:
-        raw = [rng.uniform(0.5, 1.5) * b for b in (0.35, 0.25, 0.25, 0.15)]
-        raw[2] = max(raw[2], 0.15 * sum(raw))
-        h = rng.uniform(0.08, 0.25)
+        h, r, d = rng.uniform(0.10, 0.60), rng.uniform(0.02, 0.15), rng.uniform(0.5, 0.8)
+        styles = [d * (1 - h - r), (1 - d) * (1 - h - r), h, r]
+        h = rng.uniform(0.05, 0.30)
         d = rng.uniform(0.55, 0.75)
         old = [d * (1 - h - 0.02), (1 - d) * (1 - h - 0.02), h, 0.02]
-        out[topic] = {"styles": [x / sum(raw) for x in raw], "old": old}
+        out[topic] = {"styles": styles, "old": old}
     return out
 
 

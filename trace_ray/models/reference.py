@@ -5,7 +5,7 @@ Recipe (all seeded; the cache key is a hash of it):
 2. ``styles`` stage: supervised fine-tuning on every response style with topic-dependent mixes
    (the reference's style choice then depends on the topic, as a real model's does);
 3. ``old`` stage: supervised fine-tuning on the old policy's preferred behaviour (detail-heavy
-   answers everywhere, topic-dependent hedging of 8–25 %), i.e. the model a deployment would have
+   answers everywhere, topic-dependent hedging of 5–30 %), i.e. the model a deployment would have
    been aligned to. (Best-of-n / SFT-on-preferred alignment, not DPO: it is cheaper and gives the
    same starting point for every method.)
 
@@ -39,7 +39,7 @@ class ReferenceRecipe:
     batch_size: int = 32
     lr: float = 3e-3
     max_length: int = 96
-    version: int = 2  # bump when the code of the recipe changes meaning
+    version: int = 3  # bump when the code of the recipe changes meaning
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
