@@ -23,9 +23,12 @@ def main(model_dir: str, out_json: str, steps: int = 4) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    deepspeed.init_distributed(dist_backend="nccl")
+    cuda = torch.cuda.is_available()  # CPU (DS_ACCELERATOR=cpu, gloo) only to check this script itself
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
@@ -50,9 +53,9 @@ def main(model_dir: str, out_json: str, steps: int = 4) -> None:
         "losses": losses,
         "partitioned_params": sum(hasattr(p, "ds_id") for p in params),
         "params": len(params),
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "seconds": round(time.perf_counter() - t0, 1),
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
     with open(out_json, "w") as f:
         json.dump(result, f, indent=2)
