@@ -79,17 +79,24 @@ class RayEnv:
         self.progress = progress
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place; CPU tensors travel through the device when the backend is nccl."""
         import torch.distributed as dist
 
         if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            x = t if t.device == self.device else t.to(self.device)
+            dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            if x is not t:
+                t.copy_(x.to(t.device))
         return t
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         if self.world > 1:
-            dist.broadcast(t, src=0)
+            x = t if t.device == self.device else t.to(self.device)
+            dist.broadcast(x, src=0)
+            if x is not t:
+                t.copy_(x.to(t.device))
         return t
 
     def barrier(self) -> None:

@@ -81,7 +81,8 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
         g_local = global_gradient(model, batches, J=dpo_objective(cfg.loss.beta))
     else:
         g_local = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    flat = torch.cat([g.reshape(-1) * n_local for g in g_local] + [torch.tensor([float(n_local)])]).to(env.device)
+    dev = g_local[0].device
+    flat = torch.cat([g.reshape(-1) * n_local for g in g_local] + [torch.tensor([float(n_local)], device=dev)])
     env.all_reduce(flat)
     n_total = float(flat[-1])
     if n_total == 0:
