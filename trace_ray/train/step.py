@@ -36,6 +36,7 @@ from trace_ray import losses as L
 from trace_ray.logprobs import encode_pairs, forward_logps, logits_mask, response_lengths, select_rows
 
 PREF_CATEGORIES = ("invert", "punish")
+DUMMY_ROW = {"id": "_dummy", "prompt": "x", "chosen": "x", "rejected": "x"}
 
 
 @dataclass
@@ -48,6 +49,9 @@ class StepSettings:
     max_length: int = 256
     reference_mode: str = "adapter_disabled"  # precomputed | adapter_disabled | frozen_copy
     nominal_batch: int = 8  # B: the loss is a sum over rows divided by B
+    # ZeRO-3 gathers parameters inside every forward, so every rank must run the same forwards:
+    # a micro-batch without preference (or retain) rows then runs a zero-weight dummy row.
+    always_forward: bool = False
 
     @classmethod
     def from_run(cls, cfg) -> "StepSettings":
@@ -56,6 +60,7 @@ class StepSettings:
             npo_normalize=cfg.loss.npo_normalize, nll_anchor=cfg.loss.nll_anchor,
             max_length=cfg.data.max_length, reference_mode=cfg.reference.mode,
             nominal_batch=cfg.train.batch_size,
+            always_forward=cfg.backend.kind == "deepspeed" and cfg.backend.zero_stage == 3,
         )
 
 
@@ -87,7 +92,14 @@ def collate(tokenizer, records: Sequence[Mapping[str, Any]], settings: StepSetti
     live = [r for r in records if not r.get("_pad")]
     pref = [r for r in live if r["category"] in PREF_CATEGORIES]
     ret = [r for r in live if r["category"] == "retain"] if settings.alpha_kl > 0 else []
-    out: dict = {"n_rows": len(live), "pref": None, "kl": None}
+    out: dict = {"n_rows": len(live), "pref": None, "kl": None, "kl_cat": None}
+    if settings.always_forward:
+        dummy = dict(next(iter(records), None) or DUMMY_ROW, category="unresolved", weight=0.0, corrected=None)
+        if not pref:
+            pref = [dummy]
+        if settings.alpha_kl > 0 and not ret:
+            ret = [dummy]
+        out["kl_cat"] = torch.tensor([L.RETAIN if r["category"] == "retain" else L.UNRESOLVED for r in ret])
     if pref:
         with_c = settings.method == "trace" and any(r.get("corrected") for r in pref)
         enc = encode_pairs(tokenizer, pref, settings.max_length, with_corrected=with_c)
@@ -101,7 +113,7 @@ def collate(tokenizer, records: Sequence[Mapping[str, Any]], settings: StepSetti
                 for r in pref:
                     v = r.get(k)
                     missing = v is None or (isinstance(v, float) and math.isnan(v))
-                    if missing and not (k == "ref_corrected_logps" and not r.get("corrected")):
+                    if missing and r["category"] in PREF_CATEGORIES and not (k == "ref_corrected_logps" and not r.get("corrected")):
                         raise ValueError(f"reference.mode=precomputed but row {r.get('id')} has no {k}")
                     vals.append(0.0 if missing else float(v))
             out["pref_ref"] = torch.tensor(vals, dtype=torch.float32)
@@ -185,11 +197,14 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
         total = total + pref_total / B
         margin = settings.beta * ((pr - rr) - (pc - rc)).detach()  # reversed-DPO reward margin
         is_inv = cat == L.INVERT
+        real = (cat == L.INVERT) | (cat == L.PUNISH)
+        wr = w[real]
         stats.update(
             L_I_sum=float(parts["L_I"]), L_II_sum=float(parts["L_II"]), L_anchor_sum=float(parts["L_anchor"]),
             n_invert=float(parts["n_invert"]), n_punish=float(parts["n_punish"]),
             margin_sum=float(margin[is_inv].sum()), acc_sum=float((margin[is_inv] > 0).float().sum()),
-            w_sum=float(w.sum()), w_sq_sum=float((w * w).sum()), w_max=float(w.max()), n_w=float(P),
+            w_sum=float(wr.sum()), w_sq_sum=float((wr * wr).sum()),
+            w_max=float(wr.max()) if wr.numel() else 0.0, n_w=float(wr.numel()),
             # unweighted per-category means, comparable across weightings (for "losses go down")
             raw_I_sum=float(L.invert_loss(pc, pr, rc, rr, settings.beta).detach()[is_inv].sum())
             if settings.method != "npo_all" else 0.0,
@@ -201,7 +216,7 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
         _, pol_logits = forward_logps(net, kl_enc, return_logits=True)
         _, ref_logits = _reference_forward(model, ref_model, kl_enc, settings.reference_mode, True)
         kl = L.forward_kl(ref_logits, pol_logits, logits_mask(kl_enc["loss_mask"].to(device)))
-        cat = torch.full_like(kl, L.RETAIN, dtype=torch.long)
+        cat = batch["kl_cat"].to(device) if batch.get("kl_cat") is not None else torch.full_like(kl, L.RETAIN, dtype=torch.long)
         z = torch.zeros_like(kl)
         kl_total, parts = L.trace_loss(
             cat, z, z, z, z, None, kl, beta=settings.beta, alpha_kl=settings.alpha_kl, reduction="sum"
