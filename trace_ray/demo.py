@@ -223,7 +223,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         "triage": {k: summary[k] for k in ("total", "counts")},
         "world": world.stats(),
         "reference": ref_metrics["test"],
-        "reference_sample": None,
         "methods": methods,
     }
     results["runtime_s"] = time.time() - t_start
