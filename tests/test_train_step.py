@@ -200,7 +200,7 @@ def test_corrected_pass_and_loss(tiny_model_dir, tmp_path):
     gen = CorrectedResponses(str(tiny_model_dir), str(policy), "Follow: {policy}", max_new_tokens=8, temperature=0.0)
     df = gen(pd.DataFrame(recs))
     got = df["corrected"].tolist()
-    assert [bool(c) for c in got] == [r["category"] == "punish" for r in recs]  # compliant y_c for punish only
+    assert [isinstance(c, str) and bool(c) for c in got] == [r["category"] == "punish" for r in recs]  # compliant y_c for punish only
 
     tri = write_triaged(tmp_path / "t.parquet", n_invert=1, n_punish=2, n_retain=0, n_unresolved=0)
     cfg = run_dict(tiny_model_dir, tri, tmp_path / "o", loss={"alpha_kl": 0.0},

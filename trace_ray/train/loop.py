@@ -80,6 +80,9 @@ def _clean_rows(rows: list[dict]) -> list[dict]:
         for k, v in list(r.items()):
             if hasattr(v, "item") and not isinstance(v, (str, bytes)):
                 r[k] = v.item()
+        # pandas turns a missing y_c into NaN (truthy): only a non-empty string is a correction
+        if "corrected" in r and not (isinstance(r["corrected"], str) and r["corrected"]):
+            r["corrected"] = None
         out.append(r)
     return out
 
