@@ -126,9 +126,12 @@ class RayEnv:
         from ray.experimental.tqdm_ray import tqdm
 
         kw.pop("dynamic_ncols", None)
+        initial = kw.pop("initial", 0)  # tqdm_ray takes neither
         if not (self.progress and self.rank == 0):
             return _NoBar()
         bar = tqdm(**kw)
+        if initial:
+            bar.update(initial)
         if not hasattr(bar, "write"):
             bar.write = lambda s: print(s, flush=True)
         return bar

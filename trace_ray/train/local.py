@@ -26,11 +26,12 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
     from trace_ray.train.data import prepare_records
     from trace_ray.train.env import LocalEnv
     from trace_ray.train.loop import run_worker
-    from trace_ray.train.run import _write_config, as_run_config, check_inputs, collect_outputs, gold_records, make_plan, used_categories
+    from trace_ray.train.run import _write_config, as_run_config, resolve_paths, check_inputs, collect_outputs, gold_records, make_plan, used_categories
 
     cfg: RunConfig = as_run_config(config)
     if records is None:
         check_inputs(cfg)
+        cfg = resolve_paths(cfg)
         records = prepare_records(cfg)
     else:
         cats = set(used_categories(cfg))

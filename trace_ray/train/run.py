@@ -101,6 +101,25 @@ def check_inputs(cfg: RunConfig) -> dict:
     return {"counts": counts, "rows": n_used}
 
 
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """A copy with local paths made absolute on the driver (Ray Train workers run elsewhere)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+
+    def fix(v: str) -> str:
+        return str(Path(v).expanduser().resolve()) if v and Path(v).expanduser().exists() else v
+
+    cfg.data.triaged = fix(cfg.data.triaged)
+    if cfg.data.gold != "auto":
+        cfg.data.gold = fix(cfg.data.gold)
+    cfg.model.name = fix(cfg.model.name)
+    cfg.corrected.model = fix(cfg.corrected.model)
+    cfg.corrected.policy = fix(cfg.corrected.policy)
+    cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())
+    return cfg
+
+
 def make_plan(cfg: RunConfig, n_rows: int, world: int, out_dir: Path) -> dict:
     """Steps per epoch (same on every worker: the largest shard decides) and total steps."""
     per_worker = math.ceil(n_rows / world)
@@ -146,6 +165,7 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
     """
     cfg = as_run_config(config)
     info = check_inputs(cfg)  # before Ray or any worker starts
+    cfg = resolve_paths(cfg)
     _start_env()
     import os
 
