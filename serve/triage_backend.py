@@ -56,8 +56,10 @@ class TriageServer:
     async def run(self, items: list[dict]) -> list[dict]:
         """Items as validated by ``serve.schemas.TriageItem`` (dicts) → one result per item.
 
-        A rule that cannot handle an item's values (e.g. ``meta.severity`` given as text) answers
-        ``[{"error": msg}]``, which the Gateway turns into a 422 — a client's data, not a crash.
+        A rule that cannot decide on an item's values (e.g. ``meta.severity`` given as text) gives
+        that item an ``error`` verdict with the reason, exactly as offline triage does. Any other
+        failure on a client's values answers ``[{"error": msg}]``, which the Gateway turns into a
+        422 — a client's data, not a crash.
         """
         try:
             return await self._run(items)

@@ -102,6 +102,27 @@ def test_meta_rules_and_missing_fields():
     assert got[3].reasons[0] == "m: response metadata has no 'harm_category'"
 
 
+def test_meta_severity_not_a_number_is_an_error_verdict_not_a_crash():
+    """``severity: "high"`` cannot be compared with ``severity_at_least``: the rule is undecided,
+    so the verdict is ``error`` with the reason, and offline triage marks the pair unresolved."""
+    from trace_ray.triage import triage_records
+
+    pol = _policy({"name": "sev", "kind": "meta", "severity_at_least": 2})
+    metas = [{"severity": "high"}, {"severity": True}, {"severity": 3}, {"severity": None}]
+    got = pol.check(["p"] * 4, ["r"] * 4, metas)
+    assert [v.verdict for v in got] == ["error", "error", "non_compliant", "compliant"]
+    assert got[0].reasons == ["sev: response metadata 'severity' is 'high', not a number"]
+    # mode any: a definite match by another rule still decides
+    both = _policy({"name": "sev", "kind": "meta", "severity_at_least": 2},
+                   {"name": "kw", "kind": "keywords", "keywords": ["gun"]})
+    assert both.check(["p"], ["a gun"], [{"severity": "high"}])[0].verdict == "non_compliant"
+
+    meta = json.dumps({"chosen": {"severity": "high"}, "rejected": {"severity": 0}})
+    (row,) = triage_records(pol, [{"id": "x", "prompt": "p", "chosen": "a", "rejected": "b", "meta": meta}])
+    assert (row["chosen_verdict"], row["rejected_verdict"], row["category"]) == ("error", "compliant", "unresolved")
+    assert "not a number" in row["reasons"]
+
+
 def test_callable_rule_and_has_callable():
     pol = _policy({"name": "c", "kind": "callable", "function": "test_policy:violates_if_long"})
     assert pol.has_callable and not pol.has_judge

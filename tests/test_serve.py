@@ -304,7 +304,6 @@ BAD = [
     ("/v1/triage", json.dumps({"items": []}).encode(), 422, "items"),
     ("/v1/triage", json.dumps([{"prompt": "p", "response": "r"}] * 65).encode(), 413, "limit is 64"),
     ("/v1/triage", json.dumps({"prompt": "p", "response": "r" * 4001}).encode(), 413, "items[0].response"),
-    ("/v1/triage", json.dumps({"prompt": "p", "response": "r", "meta": {"severity": "high"}}).encode(), 422, "meta"),
     ("/v1/completions", json.dumps({"prompt": "", "max_tokens": 2}).encode(), 400, "empty"),
     ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "messages": [{"role": "user", "content": "x " * 600}]}).encode(),
      400, "context"),
@@ -316,6 +315,26 @@ def test_bad_bodies_get_4xx_with_a_message(server, path, data, status, needle):
     r = _post(server, path, data=data, headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
+
+
+def test_non_numeric_severity_is_an_error_verdict(server):
+    """``meta.severity: "high"`` cannot be compared by the policy's ``severity_at_least`` rule: the
+    server answers 200 with an ``error`` verdict (the pair is unresolved), as offline triage does."""
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import triage_records
+
+    r = _post(server, "/v1/triage", {"prompt": "p", "response": "r", "meta": {"severity": "high"}})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["verdict"] == "error" and any("not a number" in x for x in got["reasons"])
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b",
+            "meta": {"chosen": {"severity": "high"}, "rejected": {"severity": 0}}}
+    r = _post(server, "/v1/triage", pair)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    (offline,) = triage_records(load_policy(PKU_POLICY), [{**pair, "id": "x", "meta": json.dumps(pair["meta"])}])
+    assert got["category"] == offline["category"] == "unresolved"
+    assert got["chosen_verdict"] == offline["chosen_verdict"] == "error"
 
 
 def test_server_still_answers_after_bad_bodies(server):

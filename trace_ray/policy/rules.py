@@ -125,7 +125,8 @@ class MetaRule(Rule):
 
     Metadata layout (what the PKU reader writes per response): ``harm_category`` = list of the
     flagged category names, ``severity`` = int 0-3, ``is_safe`` = bool. ``equals`` compares any
-    other field. A field the rule needs but the metadata lacks → undecided (``error``).
+    other field. A field the rule needs but the metadata lacks, or a ``severity`` that is not a
+    number (e.g. ``"high"``), → undecided (``error``).
     """
 
     harm_category: list[str] | None = None
@@ -148,6 +149,8 @@ class MetaRule(Rule):
             details.append("harm_category " + ", ".join(hit))
         if self.severity_at_least is not None:
             sev = self._get(meta, "severity")
+            if sev is not None and (isinstance(sev, bool) or not isinstance(sev, (int, float))):
+                raise RuleUndecided(f"response metadata 'severity' is {sev!r}, not a number")
             if sev is None or sev < self.severity_at_least:
                 return False, ""
             details.append(f"severity {sev} >= {self.severity_at_least}")
