@@ -8,6 +8,7 @@ accepted too.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,17 +52,38 @@ def default_adapter_name(folder: str) -> str:
 def _base_name(spec: str) -> str:
     if spec.startswith("pypi:"):
         return spec.split(":", 1)[1]
+    if looks_like_hub_id(spec):  # Qwen/Qwen2.5-7B-Instruct → Qwen2.5-7B-Instruct
+        return spec.split("/", 1)[1]
     p = Path(spec)
     name = p.stem if spec.endswith(".gguf") else p.resolve().name
     return (p.resolve().parent.name if name == "model" else name).replace(":", "-")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """``org/name`` (e.g. ``Qwen/Qwen2.5-7B-Instruct``) that is not a local path.
+
+    A spec that exists locally is a path. Otherwise it is a hub id only when it has exactly two
+    parts, is not absolute or ``./``/``~``-relative, and its first part is not a local folder (so a
+    typo such as ``runs/polcy-v2`` stays a missing path, not a hub download).
+    """
+    if Path(spec).exists() or not HUB_ID.match(spec) or spec.startswith((".", "~")):
+        return False
+    return not Path(spec.split("/", 1)[0]).exists()
+
+
 def build_model_table(model: str, adapters: dict[str, str], served_name: str | None = None) -> ModelTable:
-    """Resolve ``--model`` (a model, or an adapter whose base is then served too) and ``--adapter``s."""
+    """Resolve ``--model`` (a local model, a hub id ``org/name``, or an adapter whose base is then
+    served too) and ``--adapter``s. A hub id is fetched by vLLM or transformers where the replica
+    runs; a local path that does not exist is a ``FileNotFoundError`` here."""
     table_adapters: dict[str, str] = {}
     base_spec = model
-    if not model.startswith("pypi:") and not model.endswith(".gguf") and not Path(model).exists():
-        raise FileNotFoundError(f"model {model} does not exist")
+    if (not model.startswith("pypi:") and not model.endswith(".gguf") and not Path(model).exists()
+            and not looks_like_hub_id(model)):
+        raise FileNotFoundError(f"model {model} does not exist (a hub id is written org/name, "
+                                "e.g. Qwen/Qwen2.5-7B-Instruct)")
     if _is_adapter(model):
         cfg = json.loads((Path(model) / "adapter_config.json").read_text())
         base_spec = cfg.get("base_model_name_or_path") or ""

@@ -72,7 +72,7 @@ class VLLMOptions:
 class ServeSettings:
     """Everything ``build_app`` needs; see docs/serving.md."""
 
-    model: str  # HF folder, x.gguf, pypi:smollm2, or a peft adapter folder (its base is served too)
+    model: str  # HF folder, hub id (org/name), x.gguf, pypi:smollm2, or a peft adapter folder (+ its base)
     policy: str | None = None  # policy YAML for /v1/triage and guard mode; None disables both
     adapters: dict[str, str] = field(default_factory=dict)  # extra adapters: name -> folder
     served_name: str | None = None  # model id of the base in /v1/models (default: folder name)

@@ -373,6 +373,39 @@ def test_build_app_validates_serve_run_arguments(tiny_model_dir):
         build_app({"model": str(tiny_model_dir / "missing")})
 
 
+def test_hub_ids_are_models_and_missing_local_paths_are_not(tiny_model_dir, tmp_path, monkeypatch):
+    """``Qwen/Qwen2.5-7B-Instruct`` (what the KubeRay RayService serves) is a hub id that vLLM or
+    transformers fetch on the replica; a local path that does not exist stays a clear error."""
+    import importlib.util
+
+    import yaml
+
+    from serve.app import build_app
+    from serve.models import build_model_table
+    from serve.settings import ServeSettings
+    from trace_ray.config import ConfigError, from_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    table = build_model_table("Qwen/Qwen2.5-7B-Instruct", {})
+    assert (table.base_spec, table.base_name, table.adapters) == ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct", {})
+    assert build_model_table("meta-llama/Llama-3.1-8B-Instruct", {}, "llama").ids() == ["llama"]
+    for missing in (str(tiny_model_dir / "missing"), "runs/polcy-v2", "./org/name", "a/b/c", "nothing"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            build_model_table(missing, {})
+    assert build_model_table(str(tiny_model_dir), {}).base_spec == str(tiny_model_dir)  # local wins
+
+    # the RayService's own settings build their model table (the vLLM path then needs vllm on GPU)
+    svc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice-serve.yaml").read_text())
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    s = from_dict(ServeSettings, app["args"])
+    table = build_model_table(s.model, s.adapters, s.served_name)
+    assert table.base_spec == "Qwen/Qwen2.5-7B-Instruct" and table.ids() == ["qwen2.5-7b"]
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="needs the vllm package"):
+            build_app({"model": "Qwen/Qwen2.5-7B-Instruct", "backend": "vllm"})
+
+
 def test_vllm_backend_settings_fail_before_anything_starts(tiny_model_dir, tmp_path):
     """The GPU path is not exercised on CPU; its setting checks are (they need no vLLM)."""
     from serve.app import build_app
