@@ -71,13 +71,15 @@ def test_ddp_two_workers_equal_one_worker_with_accumulation(ray_session, tiny_mo
 
 def test_deepspeed_zero2_two_workers_kill_and_resume(ray_session, tiny_model_dir, tmp_path):
     """DeepSpeed ZeRO-2, 2 CPU workers: killed right after the step-2 checkpoint, the same command
-    resumes from it and ends where an uninterrupted (in-process, accumulation 2) run ends."""
+    resumes from it and ends where an uninterrupted (in-process, accumulation 2) run ends. The
+    progress bar is on (Ray's tqdm on the workers, started at the resumed step)."""
     from trace_ray.train import realign, train_local
 
     tri = write_triaged(tmp_path / "t.parquet")
     common = dict(impact={"method": "jvp", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
     cfg = run_dict(tiny_model_dir, tri, tmp_path / "ds", backend={"num_workers": 2, "kind": "deepspeed", "zero_stage": 2},
-                   train={"batch_size": 4, "max_steps": 4, "checkpoint_every": 2}, **common)
+                   train={"batch_size": 4, "max_steps": 4, "checkpoint_every": 2}, logging={"progress": True},
+                   **common)
     with pytest.raises(Exception, match="injected failure"):
         realign(cfg, fail_at_step=2)
     assert not (tmp_path / "ds" / "adapter").exists()
