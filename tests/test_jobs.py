@@ -165,3 +165,71 @@ evaluate: {{batch_size: 16, max_length: 96, num_generations: 2, max_new_tokens: 
     assert _markers(out) == before
     assert "already done" in r.stdout
     print(f"first submission {first_s:.0f} s, second (all skipped) {second_s:.0f} s")
+
+
+def _evaluate_job(*args):
+    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "jobs/evaluate.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_job_runs_only_the_evaluate_stage(tmp_path, tiny_model_dir, pku_path):
+    """jobs/evaluate.py on a finished triage + realign (made here without Ray: triage_records and a
+    random LoRA adapter, with the markers the pipeline would write): refuses a missing upstream,
+    plans in --dry-run, evaluates, then skips; its metrics equal evaluate_pairs called directly."""
+    import pyarrow as pa
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trace_ray.data.readers import iter_records
+    from trace_ray.evaluate_pairs import evaluate_pairs
+    from trace_ray.pipeline import _write_marker_at, load_pipeline_config, plan, stage_uri
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import triage_records
+
+    out = tmp_path / "run"
+    policy = ROOT / "configs" / "policies" / "pku_harm_v2.yaml"
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(f"name: eval-job\ndata: {pku_path}\nformat: pku\npolicy: {policy}\nout: {out}\n"
+                   "realign: {model: {name: m}}\n"
+                   "evaluate: {limit: 12, batch_size: 12, max_length: 64, num_generations: 1, max_new_tokens: 4}\n")
+    r = _evaluate_job("--config", str(cfg))
+    assert r.returncode == 2 and "--stages triage,realign" in r.stderr, r.stderr
+
+    fps = plan(load_pipeline_config(str(cfg), []))
+    rows = triage_records(load_policy(policy), list(iter_records(pku_path, "pku")))
+    (out / "triage").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "triage" / "triaged.parquet")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                           LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out / "realign" / "adapter")
+    for stage in ("triage", "realign"):
+        _write_marker_at(stage_uri(str(out), stage), stage, fps[stage], 0.0, {})
+
+    r = _evaluate_job("--config", str(cfg), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout[r.stdout.index("{"):])["stages"] == {"evaluate": {"status": "planned",
+                                                                                 "fingerprint": fps["evaluate"]}}
+    r = _evaluate_job("--config", str(cfg), "--result", str(tmp_path / "result.json"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text())["stages"]["evaluate"]["status"] == "ran"
+    got = json.loads((out / "evaluate" / "metrics.json").read_text())
+    want = evaluate_pairs(str(out / "realign" / "adapter"), str(out / "triage" / "triaged.parquet"),
+                          str(tmp_path / "direct"), str(policy), limit=12, batch_size=12, max_length=64,
+                          num_generations=1, max_new_tokens=4)
+    assert got["rows"] == want["rows"] == 12 and got["counts"] == want["counts"]
+    assert json.dumps(got, sort_keys=True) == json.dumps(json.loads(json.dumps(want)), sort_keys=True)
+    r = _evaluate_job("--config", str(cfg))
+    assert r.returncode == 0 and "already done" in r.stdout, r.stderr
+    # another realign config: its OUT/realign no longer counts as done for it
+    r = _evaluate_job("--config", str(cfg), "realign.optim.lr=0.5")
+    assert r.returncode == 2 and "--stages realign" in r.stderr, r.stderr
+
+
+def test_evaluate_job_help_explains_every_option():
+    r = _evaluate_job("--help")
+    assert r.returncode == 0
+    for opt in ("--config", "--dry-run", "--force", "--result", "--address", "key=value", "exit codes"):
+        assert opt in r.stdout
