@@ -103,6 +103,9 @@ def test_real_pipeline_configs_validate(cfg_path):
             raw = yaml.safe_load((CLUSTER / name).read_text())
             assert _gpu_capacity_autoscaler(raw, run.backend.cpus_per_worker) >= run.backend.num_workers, name
         assert run.backend.kind == "deepspeed" and run.backend.zero_stage == 3
+        # GPU workers are on other nodes than the driver: checkpoints on storage all of them reach
+        assert run.output.storage_path and run.output.storage_path.startswith(("s3://", "gs://"))
+        assert run.output.storage_path.startswith(cfg.out.rstrip("/") + "/")  # one per run
     # evaluate's keys are arguments of the evaluation function
     import inspect
 

@@ -111,3 +111,40 @@ def test_resume_refuses_a_different_config(tmp_path):
     _write_config(from_dict(RunConfig, same), tmp_path, has_checkpoints=True)
     with pytest.raises(ConfigError, match="optim.lr"):
         _write_config(from_dict(RunConfig, dict(base, optim={"lr": 1e-3})), tmp_path, has_checkpoints=True)
+
+
+def test_output_storage_path_for_multi_node_checkpoints(tmp_path):
+    """``output.storage_path``: None keeps Ray Train's checkpoints in OUT/ray_train; a bucket URI
+    or a (NFS) path is used as is (local paths made absolute on the driver); bad values name it."""
+    from trace_ray.train.run import checkpoint_storage, has_checkpoints, resolve_paths
+
+    base = {"data": {"triaged": "t"}, "model": {"name": "m"}, "output": {"dir": str(tmp_path / "out")}}
+    cfg = from_dict(RunConfig, base)
+    assert cfg.output.storage_path is None
+    assert checkpoint_storage(cfg, tmp_path / "out") == str(tmp_path / "out" / "ray_train")
+    for uri in ("s3://bucket/runs/q/ray_train", "gs://b/x", "file:///mnt/nfs/ckpt"):
+        c = from_dict(RunConfig, dict(base, output={"dir": "o", "storage_path": uri}))
+        assert checkpoint_storage(resolve_paths(c), tmp_path) == uri
+    c = resolve_paths(from_dict(RunConfig, dict(base, output={"dir": "o", "storage_path": "rel/ckpt"})))
+    assert c.output.storage_path.startswith("/") and c.output.storage_path.endswith("rel/ckpt")
+    for bad, needle in (("", "empty"), ("  ", "empty"), ("ftp://host/x", "unknown scheme"), ("s3://", "no bucket"),
+                        (3, "output.storage_path")):
+        with pytest.raises(ConfigError, match=needle) as e:
+            from_dict(RunConfig, dict(base, output={"dir": "o", "storage_path": bad}))
+        assert "output.storage_path" in str(e.value)
+    # the resume guard looks for checkpoints where Ray Train writes them
+    nfs = tmp_path / "nfs"
+    assert not has_checkpoints(str(nfs))
+    (nfs / "realign" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    assert has_checkpoints(str(nfs)) and has_checkpoints(f"file://{nfs}")
+    # ... and compares the config they were made with from there, even from a fresh OUT
+    from trace_ray.train.run import _write_config
+
+    c = from_dict(RunConfig, dict(base, output={"dir": str(tmp_path / "a"), "storage_path": str(nfs)}))
+    (tmp_path / "a").mkdir()
+    _write_config(c, tmp_path / "a", has_checkpoints=True, shared=str(nfs))
+    assert (nfs / "run_config.yaml").exists()
+    (tmp_path / "b").mkdir()
+    other = from_dict(RunConfig, dict(base, optim={"lr": 1e-3}, output={"dir": str(tmp_path / "b"), "storage_path": str(nfs)}))
+    with pytest.raises(ConfigError, match=r"output.storage_path: .* optim.lr"):
+        _write_config(other, tmp_path / "b", has_checkpoints=True, shared=str(nfs))

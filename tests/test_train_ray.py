@@ -72,17 +72,19 @@ def test_ddp_two_workers_equal_one_worker_with_accumulation(ray_session, tiny_mo
 def test_deepspeed_zero2_two_workers_kill_and_resume(ray_session, tiny_model_dir, tmp_path):
     """DeepSpeed ZeRO-2, 2 CPU workers: killed right after the step-2 checkpoint, the same command
     resumes from it and ends where an uninterrupted (in-process, accumulation 2) run ends. The
-    progress bar is on (Ray's tqdm on the workers, started at the resumed step)."""
+    progress bar is on (Ray's tqdm on the workers, started at the resumed step). Checkpoints go to
+    ``output.storage_path`` (a folder standing for the NFS/bucket of a multi-node cluster)."""
     from trace_ray.train import realign, train_local
 
     tri = write_triaged(tmp_path / "t.parquet")
     common = dict(impact={"method": "jvp", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
     cfg = run_dict(tiny_model_dir, tri, tmp_path / "ds", backend={"num_workers": 2, "kind": "deepspeed", "zero_stage": 2},
                    train={"batch_size": 4, "max_steps": 4, "checkpoint_every": 2}, logging={"progress": True},
-                   **common)
+                   output={"storage_path": str(tmp_path / "nfs")}, **common)
     with pytest.raises(Exception, match="injected failure"):
         realign(cfg, fail_at_step=2)
     assert not (tmp_path / "ds" / "adapter").exists()
+    assert list((tmp_path / "nfs" / "realign").glob("checkpoint_*")) and not (tmp_path / "ds" / "ray_train").exists()
     assert [l["step"] for l in _lines(tmp_path / "ds")] == [1, 2]
     realign(cfg)  # resumes from the step-2 checkpoint
     local = train_local(run_dict(tiny_model_dir, tri, tmp_path / "loc", train={"batch_size": 4, "grad_accum": 2, "max_steps": 4}, **common))

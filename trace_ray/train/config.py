@@ -199,10 +199,26 @@ class OutputConfig:
     dir: str = ""
     merge_adapter: bool = False  # LoRA: also write OUT/model with the adapter merged in
     save_tokenizer: bool = True
+    # Ray Train's checkpoint storage (``ray.train.RunConfig(storage_path=...)``). None: OUT/ray_train
+    # on the driver's disk (one machine). On a multi-node cluster give storage every node reaches,
+    # one per run: s3://BUCKET/runs/NAME/ray_train, gs://..., or an NFS path mounted on all nodes.
+    storage_path: str | None = None
 
     def validate(self):
         if not self.dir:
             raise ConfigError("output.dir: required field is missing")
+        sp = self.storage_path
+        if sp is not None:
+            from trace_ray.storage import REMOTE_SCHEMES
+
+            if not sp.strip():
+                raise ConfigError("output.storage_path: empty; leave it out (None) for OUT/ray_train on the driver")
+            if "://" in sp and not sp.startswith(REMOTE_SCHEMES + ("file://",)):
+                schemes = ", ".join(REMOTE_SCHEMES + ("file://",))
+                raise ConfigError(f"output.storage_path: {sp!r} has an unknown scheme; use one of {schemes} "
+                                  "or a path mounted on every node (NFS)")
+            if sp.startswith(REMOTE_SCHEMES) and not sp.split("://", 1)[1].strip("/"):
+                raise ConfigError(f"output.storage_path: {sp!r} names no bucket")
 
 
 @dataclass

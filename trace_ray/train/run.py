@@ -7,7 +7,8 @@ triaged file and its columns, the model path, the gold file, optional packages.
 Outputs under ``output.dir``: ``adapter/`` or ``model/`` (+ tokenizer), ``metrics.jsonl``,
 ``weights.parquet`` (id, category, weight), ``run_config.yaml``, ``summary.json``,
 ``prepared/`` (Parquet with y_c / reference columns, when those passes ran) and
-``ray_train/realign/`` (Ray Train's checkpoints). Running the same config again resumes from the
+``ray_train/realign/`` (Ray Train's checkpoints; ``output.storage_path``/``realign/`` instead when
+set: shared storage for multi-node clusters). Running the same config again resumes from the
 latest checkpoint (Ray Train restores a run by its name and storage path).
 """
 
@@ -117,7 +118,26 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.corrected.model = fix(cfg.corrected.model)
     cfg.corrected.policy = fix(cfg.corrected.policy)
     cfg.output.dir = str(Path(cfg.output.dir).expanduser().resolve())
+    sp = cfg.output.storage_path
+    if sp and "://" not in sp:
+        cfg.output.storage_path = str(Path(sp).expanduser().resolve())
     return cfg
+
+
+def checkpoint_storage(cfg: RunConfig, out: Path) -> str:
+    """Ray Train's ``storage_path``: ``output.storage_path`` when set, else ``OUT/ray_train``."""
+    return cfg.output.storage_path or str(out / "ray_train")
+
+
+def has_checkpoints(storage_path: str) -> bool:
+    """Whether ``storage_path/realign`` holds a Ray Train checkpoint (local path or URI)."""
+    import pyarrow.fs as pafs
+
+    from trace_ray import storage
+
+    fs, root = storage.resolve(storage.join(storage_path, "realign"))
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return any(i.base_name.startswith("checkpoint_") for i in infos)
 
 
 def make_plan(cfg: RunConfig, n_rows: int, world: int, out_dir: Path) -> dict:
@@ -179,7 +199,8 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
 
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, out, has_checkpoints=any((out / "ray_train").glob("realign/checkpoint_*")))
+    ckpt_storage = checkpoint_storage(cfg, out)
+    _write_config(cfg, out, has_checkpoints=has_checkpoints(ckpt_storage), shared=cfg.output.storage_path)
     ensure_ray()
     ds = prepare_dataset(cfg, out)
     n = ds.count()
@@ -204,7 +225,7 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name="realign",
-            storage_path=str(out / "ray_train"),
+            storage_path=ckpt_storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
             failure_config=ray.train.FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": env_vars} if env_vars else None,
@@ -251,22 +272,39 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def _write_config(cfg: RunConfig, out: Path, has_checkpoints: bool) -> None:
-    """Write OUT/run_config.yaml; refuse to resume checkpoints made with a different config."""
+def _write_config(cfg: RunConfig, out: Path, has_checkpoints: bool, shared: str | None = None) -> None:
+    """Write OUT/run_config.yaml; refuse to resume checkpoints made with a different config.
+
+    ``shared`` (``output.storage_path``): the checkpoints live there, not in OUT, so the config they
+    were made with is kept next to them (``shared/run_config.yaml``) and compared from there — a
+    fresh OUT (another driver, a rerun pipeline stage) cannot resume another run's checkpoints.
+    """
     import yaml
 
+    from trace_ray import storage
+
     path = out / "run_config.yaml"
+    shared_path = storage.join(shared, "run_config.yaml") if shared else None
     new = to_dict(cfg)
-    if has_checkpoints and path.exists():
-        a, b = _flat(yaml.safe_load(path.read_text())), _flat(new)
+    old_text = None
+    if has_checkpoints:
+        if shared_path and storage.exists(shared_path):
+            old_text = storage.read_text(shared_path)
+        elif path.exists():
+            old_text = path.read_text()
+    if old_text is not None:
+        a, b = _flat(yaml.safe_load(old_text)), _flat(new)
         diff = sorted(k for k in set(a) | set(b)
                       if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE))
         if diff:
             raise ConfigError(
-                f"output.dir: {out} holds checkpoints of a run with another config (differs in {', '.join(diff)}); "
-                "use a new output.dir, or delete its checkpoints to start over"
+                f"{'output.storage_path' if shared else 'output.dir'}: {shared or out} holds checkpoints of a run with another config (differs in "
+                f"{', '.join(diff)}); use a new output.dir/output.storage_path, or delete its checkpoints to start over"
             )
-    path.write_text(yaml.safe_dump(new, sort_keys=False))
+    text = yaml.safe_dump(new, sort_keys=False)
+    path.write_text(text)
+    if shared_path:
+        storage.write_text(shared_path, text)
 
 
 def collect_outputs(ckpt: Path, out: Path) -> dict:
