@@ -37,10 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TRACE_SHARED", ROOT.parent / "shared"))
-HH = SHARED / "data" / "external" / "hh-rlhf_harmless-base_test.jsonl.gz"
-TOKENIZER = SHARED / "models" / "fake_gpt2_lm_buddy"
+from _common import HH, ROOT, TOKENIZER, hh_pairs
 
 
 def parse_args(argv=None):
@@ -69,16 +66,7 @@ def parse_args(argv=None):
 def load_records(path: str, n: int) -> list[dict]:
     """First ``n`` well-formed HH rows; scoring rows alternate invert/punish (the categories only
     decide which loss is scored — this benchmark is about cost and agreement, not triage)."""
-    from trace_ray.data.readers import iter_records
-
-    out = []
-    for r in iter_records(path, "hh"):
-        if r.get("_error"):
-            continue
-        out.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
-        if len(out) == n:
-            break
-    return out
+    return [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in hh_pairs(path, n)]
 
 
 def build(args, params: str):

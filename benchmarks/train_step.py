@@ -32,10 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TRACE_SHARED", ROOT.parent / "shared"))
-HH = SHARED / "data" / "external" / "hh-rlhf_harmless-base_test.jsonl.gz"
-TOKENIZER = SHARED / "models" / "fake_gpt2_lm_buddy"
+from _common import HH, ROOT, TOKENIZER, hh_pairs
 
 
 def parse_args(argv=None):
@@ -56,21 +53,13 @@ def parse_args(argv=None):
 
 def load_rows(args, n: int) -> list[dict]:
     """n real HH-RLHF pairs; categories cycle invert/punish/retain (a mixed batch, as after triage)."""
-    from trace_ray.data.readers import iter_records
-
-    rows = []
-    for rec in iter_records(args.data, "hh"):
-        if rec.get("_error") or not rec.get("chosen") or not rec.get("rejected"):
-            continue
-        rows.append({**rec, "category": ("invert", "punish", "retain")[len(rows) % 3], "weight": 1.0})
-        if len(rows) == n:
-            break
-    return rows
+    return [{**rec, "category": ("invert", "punish", "retain")[i % 3], "weight": 1.0}
+            for i, rec in enumerate(hh_pairs(args.data, n))]
 
 
 def build(args):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoTokenizer
 
     from trace_ray.models.tiny import build_tiny_llama

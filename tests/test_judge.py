@@ -11,7 +11,7 @@ import pytest
 
 from trace_ray.data.readers import iter_records
 from trace_ray.policy import load_policy
-from trace_ray.policy.judge import HFJudge, add_judge_answers, vllm_judge
+from trace_ray.policy.judge import HFJudge, vllm_judge
 from trace_ray.triage import run_triage, triage_records
 
 ROWS = [

@@ -9,7 +9,6 @@ import re
 from collections import Counter
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from conftest import ROOT

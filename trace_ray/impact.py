@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from trace_ray.logprobs import encode_pairs, eval_mode, reference_logps, select_rows, sequence_logps
-from trace_ray.losses import CATEGORY_CODES, INVERT, PUNISH, RETAIN, category_codes, dpo_loss, preference_losses
+from trace_ray.losses import INVERT, PUNISH, category_codes, dpo_loss, preference_losses
 
 METHODS = ("exact", "jvp", "fd")
 

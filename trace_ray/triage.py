@@ -213,7 +213,6 @@ def run_triage(
     ``FileNotFoundError`` / ``ValueError``). ``num_actors`` sizes the judge actor pool (default:
     the judge rule's ``concurrency``); rules run as plain tasks (stateless, vectorised per batch).
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.data
     from tqdm.auto import tqdm

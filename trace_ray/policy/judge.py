@@ -179,8 +179,6 @@ def explode_for_judge(batch, rule):
 def combine_judged(group):
     """The judge rows of one ``_key`` → pair rows with ``judge_chosen`` / ``judge_rejected``.
     Identical duplicate pairs share a key; they are zipped back one to one."""
-    import pandas as pd
-
     chosen = group[group["_side"] == "chosen"].reset_index(drop=True)
     rejected = group[group["_side"] == "rejected"].reset_index(drop=True)
     out = chosen[list(PAIR_COLUMNS)].copy()
