@@ -43,9 +43,9 @@ def test_all_three_outcomes_in_realistic_proportions(world):
     counts = world.stats()["train"]["expected"]
     n = sum(counts.values())
     assert set(counts) == {"invert", "punish", "retain"}
-    assert 0.10 < counts["invert"] / n < 0.35
-    assert 0.03 < counts["punish"] / n < 0.15  # false-dichotomy pairs: both answers break the policy
-    assert counts["retain"] / n > 0.5
+    assert 0.12 < counts["invert"] / n < 0.40
+    assert 0.10 < counts["punish"] / n < 0.25  # false-dichotomy pairs: a sizeable share, both answers break the policy
+    assert counts["retain"] / n > 0.4
     # every punish pair is detailed vs detailed on a shifted topic
     for r in world.pairs["train"]:
         m = json.loads(r["meta"])
