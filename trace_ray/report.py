@@ -119,18 +119,22 @@ def plot_weights(results: dict, path: Path) -> Path | None:
     return path
 
 
+LOSS_PARTS = ("loss", "L_I", "L_II", "L_KL", "L_anchor")
+
+
 def plot_losses(results: dict, path: Path) -> Path | None:
+    """One panel per method (its first seed): the optimised loss and each part, per logged step."""
     methods = {n: m["runs"][0]["curves"] for n, m in results["methods"].items() if m.get("runs") and m["runs"][0].get("curves")}
     if not methods:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3), squeeze=False)
     for ax, (name, rows) in zip(axes[0], methods.items()):
-        keys = sorted({k for r in rows for k, v in r.items() if k.startswith("loss") and isinstance(v, (int, float))})
-        for k in keys:
-            pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
+        for k in LOSS_PARTS:  # the total and each part that this method has (None where absent)
+            pts = [(r.get("step", i), r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float)) and r[k] > 0]
             if pts:
-                ax.plot(*zip(*pts), label=k)
+                ax.plot(*zip(*pts), label=k, color=f"C{LOSS_PARTS.index(k)}")  # same colour per part
+        ax.set_yscale("log")  # L_II (NPO, scaled by 2/β) and L_KL differ by orders of magnitude
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=6)
