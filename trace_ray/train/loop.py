@@ -44,6 +44,7 @@ def train_loop_per_worker(config: dict) -> None:
     from trace_ray.train.env import RayEnv
 
     cfg = from_dict(RunConfig, config["run"])
+    _quiet_ray_logs()
     env = RayEnv(progress=cfg.logging.progress)
     import ray.data
 
@@ -85,6 +86,21 @@ def _clean_rows(rows: list[dict]) -> list[dict]:
             r["corrected"] = None
         out.append(r)
     return out
+
+
+def _quiet_ray_logs() -> None:
+    """The console belongs to our metrics lines and progress bar: drop the INFO lines that this
+    worker's Ray Train ("Reporting training result ...", each report) and Ray Data (each shard
+    read) would print beside them. Warnings and errors still show."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:  # Ray Train's reporting context names its logger by file path (Ray 2.60, internal)
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], env) -> dict:
