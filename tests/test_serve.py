@@ -58,6 +58,9 @@ def server(ray_session, tiny_model_dir, tmp_path_factory):
     })
     app = build_from_settings(settings, api_key=KEY)
     port = _free_port()
+    # Serve's HTTP options only apply when Serve starts: an earlier test in this Ray session (the
+    # pipeline's serve check) may have left it running on another port, so start it afresh.
+    serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="trace-test", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "v2": v2, "v3": v3, "base": tiny_model_dir, "root": root}
