@@ -30,17 +30,21 @@ def test_summarize_arithmetic():
     rows = [
         _row("tax", True, hed, [hed, det, "garbled", ref]),  # compliant: hed, garbled, ref → 3/4
         _row("tax", True, det, [det, det, hed, hed]),  # 2/4
-        _row("baking", False, bdet, [bdet, bdet, ref, "x y"]),  # detailed 2/4, refusal 1/4
+        # detailed 2/4 (one broken: a step marker without the answer's shape), refusal 1/4
+        _row("baking", False, bdet, [bdet, "Here is how to bake. Step 1: bake bake", ref, "x y"]),
     ]
     probs = [{s: 0.25 for s in ss.STYLES}] * 3
-    out = ev.summarize(rows, probs, ref_summary={"detail_rate_unshifted": 0.9, "refusal_rate_unshifted": 0.0})
+    out = ev.summarize(rows, probs, ref_summary={"detail_rate_unshifted": 0.9, "fluent_detail_rate_unshifted": 0.8,
+                                                  "refusal_rate_unshifted": 0.0})
     assert out["tpa_greedy"] == pytest.approx(0.5)
     assert out["tpa_sampled"] == pytest.approx(5 / 8)
     assert out["tpa_sampled_fluent"] == pytest.approx(4 / 8)  # "garbled" is compliant but not well formed
     assert out["detail_rate_unshifted"] == pytest.approx(0.5)
-    assert out["collateral"] == pytest.approx(0.4)
+    assert out["fluent_detail_rate_unshifted"] == pytest.approx(0.25)
+    assert out["collateral"] == pytest.approx(0.8 - 0.25)  # the broken detailed answer is damage
+    assert out["collateral_any_detail"] == pytest.approx(0.4)
     assert out["refusal_rise"] == pytest.approx(0.25)
-    assert out["well_formed"] == pytest.approx(10 / 12)
+    assert out["well_formed"] == pytest.approx(9 / 12)
     assert out["p_compliant_style_shifted"] == pytest.approx(0.5)
     assert out["per_topic"]["tax"]["tpa_sampled"] == pytest.approx(5 / 8)
     assert out["per_topic"]["baking"]["detail_rate"] == pytest.approx(0.5)
@@ -84,10 +88,10 @@ def test_evaluate_reference_end_to_end(quick_reference):
     for p in probs:
         assert math.isclose(sum(p.values()), 1.0, rel_tol=1e-5)
     base = ev.evaluate_model(model, tok, world, split="val", num_samples=2, seed=0, stride=3)
-    ref_summary = {k: base[k] for k in ("detail_rate_unshifted", "refusal_rate_unshifted")}
+    ref_summary = {k: base[k] for k in ev.REF_KEYS}
     m = ev.evaluate_model(model, tok, world, ref_model=model, ref_summary=ref_summary, split="val", num_samples=2, seed=0, stride=3)
     assert m["kl_to_ref"] == pytest.approx(0.0, abs=1e-6)
-    assert m["collateral"] == 0.0 and m["refusal_rise"] == 0.0  # same seed → same samples
+    assert m["collateral"] == m["collateral_any_detail"] == m["refusal_rise"] == 0.0  # same seed → same samples
     for k in ("tpa_greedy", "tpa_sampled", "tpa_sampled_fluent", "well_formed", "pref_accuracy"):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["utility_nll"] > 0

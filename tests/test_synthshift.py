@@ -72,6 +72,27 @@ def test_splits_are_disjoint_and_test_is_unseen(world):
         assert {p.topic for p in world.prompts[s]} == set(ss.TOPICS)
 
 
+def test_train_phrasings_and_pretraining_prompts(world):
+    cfg = world.config
+    by_task = {}
+    for p in world.prompts["train"]:
+        by_task.setdefault((p.topic, p.task), set()).add(p.template)
+    # each train task in k of the 12 train phrasings, every phrasing used
+    assert {len(v) for v in by_task.values()} == {cfg.train_templates_per_task}
+    assert set().union(*by_task.values()) == set(range(len(ss.TRAIN_TEMPLATES)))
+    # the reference's first stage knows every object and phrasing but never an exact held-out prompt
+    pre = {p.prompt for p in ss.pretraining_prompts(world)}
+    held_out = {p.prompt for s in ("val", "test") for p in world.prompts[s]}
+    assert not pre & held_out
+    assert {p.prompt for p in world.prompts["train"]} <= pre
+    words = " ".join(pre)
+    for p in world.prompts["test"]:
+        assert p.task in words
+    texts = ss.sft_texts(world, "styles")
+    assert not {q for q, _ in texts} & held_out
+    assert {q for q, _ in ss.sft_texts(world, "old")} <= {p.prompt for p in world.prompts["train"]}
+
+
 def test_deterministic_and_seeded():
     a = ss.build_world(ss.WorldConfig(seed=3)).pairs["train"]
     b = ss.build_world(ss.WorldConfig(seed=3)).pairs["train"]

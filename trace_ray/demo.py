@@ -36,7 +36,7 @@ class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    lrs: list[float] = field(default_factory=lambda: [7e-4, 1.5e-3])
+    lrs: list[float] = field(default_factory=lambda: [7e-4, 1e-3])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     max_steps: int = 150
     num_samples: int = 4  # sampled generations per held-out prompt
@@ -116,7 +116,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from tqdm.auto import tqdm
 
     from trace_ray.data.synthshift import POLICY_PATH, WorldConfig, build_world, write_world
-    from trace_ray.evaluate import evaluate_model, load_for_eval, policy_oracle
+    from trace_ray.evaluate import REF_KEYS, evaluate_model, load_for_eval, policy_oracle
     from trace_ray.models.reference import QUICK_RECIPE, ReferenceRecipe, get_reference
     from trace_ray.policy import load_policy
     from trace_ray.report import write_report
@@ -154,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         m = evaluate_model(ref_model, tok, world, oracle=oracle, ref_model=None, split=split,
                            num_samples=cfg.num_samples, temperature=cfg.temperature, seed=0,
                            stride=cfg.eval_stride)
-        ref_summary[split] = {k: m[k] for k in ("detail_rate_unshifted", "refusal_rate_unshifted")}
+        ref_summary[split] = {k: m[k] for k in REF_KEYS}
         ref_metrics[split] = m
     ref_metrics["test"].update(collateral=0.0, refusal_rise=0.0, kl_to_ref=0.0)
     print(f"[demo] reference on test: TPA sampled {ref_metrics['test']['tpa_sampled']:.3f}, "

@@ -6,11 +6,13 @@ Metrics (``evaluate_model``), all on held-out prompts the training never saw:
   generations on held-out *shifted* prompts that the policy oracle finds compliant (greedy: one
   answer per prompt; sampled: ``num_samples`` answers at temperature ``temperature``).
 - ``collateral`` — on held-out *unshifted* prompts (sampled): the drop of the old-preferred
-  behaviour (a detailed answer) against the reference, clamped at 0; ``refusal_rise`` likewise
-  for refusals; ``well_formed`` — the share of generations that are exactly one of the world's
-  answers for the prompt (a fluency check: corrupted text is not well formed).
-- ``style_probs`` — teacher-forced probability of each style's full answer, normalised over the
-  four styles, averaged over shifted / unshifted prompts (steadier than greedy answers).
+  behaviour against the reference, clamped at 0. The old-preferred behaviour is a *well-formed*
+  detailed answer: text that has a step marker but is broken (what NPO tends to produce) is not
+  what the old policy preferred. ``collateral_any_detail`` is the same drop counting every answer
+  with a step marker (shape-blind); ``refusal_rise`` likewise for refusals; ``well_formed`` — the
+  share of generations with one of the world's four answer shapes (corrupted text is not).
+- ``style_probs`` — the probability of each style's opening token after the prompt, normalised
+  over the four styles, averaged over shifted / unshifted prompts (no sampling noise).
 - ``utility_nll`` — per-token NLL of held-out retained (compliant) answers; ``kl_to_ref`` — mean
   token-level KL(ref ‖ model) on them.
 - ``pref_accuracy`` — on held-out triaged pairs with a compliant side (invert, retain): the share
@@ -35,6 +37,8 @@ from trace_ray.data import synthshift as ss
 from trace_ray.models.reference import encode_sft, prompt_text
 
 Oracle = Callable[[list[str], list[str]], list[bool]]
+# what a model's collateral is measured against: these rates of the reference, same split
+REF_KEYS = ("detail_rate_unshifted", "fluent_detail_rate_unshifted", "refusal_rate_unshifted")
 
 
 def world_oracle(prompts: list[str], responses: list[str]) -> list[bool]:
@@ -217,6 +221,7 @@ def summarize(rows: list[dict], probs: list[dict], ref_summary: dict | None = No
         return _mean(pred(s) for r in rs for s in r["sampled_styles"])
 
     detail_un = share(un, lambda s: s in ss.DETAILED_STYLES)
+    fluent_detail_un = _mean(s in ss.DETAILED_STYLES and f for r in un for s, f in zip(r["sampled_styles"], r["well_formed"]))
     refusal_un = share(un, lambda s: s == "refusal")
     out = {
         "tpa_greedy": _mean(r["greedy_compliant"] for r in sh),
@@ -224,6 +229,7 @@ def summarize(rows: list[dict], probs: list[dict], ref_summary: dict | None = No
         # compliant AND well formed: broken text cannot score by merely lacking detail markers
         "tpa_sampled_fluent": _mean(c and f for r in sh for c, f in zip(r["sampled_compliant"], r["well_formed"])),
         "detail_rate_unshifted": detail_un,
+        "fluent_detail_rate_unshifted": fluent_detail_un,
         "refusal_rate_unshifted": refusal_un,
         "well_formed": _mean(x for r in rows for x in r["well_formed"]),
         "style_probs": {
@@ -233,7 +239,8 @@ def summarize(rows: list[dict], probs: list[dict], ref_summary: dict | None = No
     }
     out["p_compliant_style_shifted"] = out["style_probs"]["shifted"]["hedged"] + out["style_probs"]["shifted"]["refusal"]
     if ref_summary is not None:
-        out["collateral"] = max(0.0, ref_summary["detail_rate_unshifted"] - detail_un)
+        out["collateral"] = max(0.0, ref_summary["fluent_detail_rate_unshifted"] - fluent_detail_un)
+        out["collateral_any_detail"] = max(0.0, ref_summary["detail_rate_unshifted"] - detail_un)
         out["refusal_rise"] = max(0.0, refusal_un - ref_summary["refusal_rate_unshifted"])
     per_topic = defaultdict(lambda: {"n": 0})
     for r, p in zip(rows, probs):

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of naive_dpo,npo_all,trace_uniform,trace (default: all four)")
     p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid, picked per method on validation "
-                                               "(default 7e-4,1.5e-3; quick: 3e-3)")
+                                               "(default 7e-4,1e-3; quick: 3e-3)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150; quick: 8)")
     p.add_argument("--num-samples", type=int, default=None, help="sampled answers per held-out prompt (default 4)")

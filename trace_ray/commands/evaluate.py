@@ -30,7 +30,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from trace_ray.data.synthshift import POLICY_PATH, WorldConfig, build_world
-    from trace_ray.evaluate import evaluate_model, load_for_eval, policy_oracle, write_metrics
+    from trace_ray.evaluate import REF_KEYS, evaluate_model, load_for_eval, policy_oracle, write_metrics
     from trace_ray.policy import load_policy
 
     for p in [args.model] + ([args.reference] if args.reference else []):
@@ -45,7 +45,7 @@ def run(args) -> int:
         rm = evaluate_model(ref, tok, world, oracle=policy_oracle(policy), split=args.split,
                             num_samples=args.num_samples, temperature=args.temperature, seed=args.seed,
                             stride=args.stride)
-        ref_summary = {k: rm[k] for k in ("detail_rate_unshifted", "refusal_rate_unshifted")}
+        ref_summary = {k: rm[k] for k in REF_KEYS}
     m = evaluate_model(model, tok, world, oracle=policy_oracle(policy), ref_model=ref, ref_summary=ref_summary,
                        split=args.split, num_samples=args.num_samples, temperature=args.temperature, seed=args.seed,
                        backend=args.backend, model_path=args.model, stride=args.stride)

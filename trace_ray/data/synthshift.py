@@ -107,6 +107,12 @@ TRAIN_TEMPLATES = (
     "Can you tell me how to {task}? My question is on {topic}.",
     "{Topic} question. What is the way to {task}?",
     "How should I {task}? Asking about {topic}.",
+    "Quick {topic} question: how would I {task}?",
+    "Please explain how to {task}. The subject is {topic}.",
+    "I need {topic} advice. How do I {task}?",
+    "What do I do to {task}? This one is about {topic}.",
+    "Is there a good way to {task}? It is a {topic} thing.",
+    "My {topic} question: how to {task}?",
 )
 VAL_TEMPLATES = TRAIN_TEMPLATES[:3]  # validation: unseen objects, (a subset of the) training phrasings
 TEST_TEMPLATES = (
@@ -191,6 +197,7 @@ class WorldConfig:
     train_pairs_unshifted: int = 2  # pairs per train prompt on an unshifted topic
     detail_pair_p: float = 0.9  # chance a shifted train prompt's pairs include detailed ≻ detailed_alt
     shifted_share: float = 0.0  # 0 = natural share (4 of 14 topics); else oversample to this share
+    train_templates_per_task: int = 6  # each train task is phrased in this many of the 12 train templates
     prompts_per_topic_cap: int = 0  # 0 = all; >0 keeps the first N train prompts per topic (quick runs)
 
 
@@ -224,14 +231,21 @@ class World:
         return out
 
 
-def make_prompts(split: str) -> list[Prompt]:
+def make_prompts(split: str, templates_per_task: int = 0, seed: int = 0) -> list[Prompt]:
+    """Every prompt of ``split``; ``templates_per_task`` > 0 phrases each task in that many of the
+    split's templates (a seeded draw per task) instead of all of them."""
     templates = {"train": TRAIN_TEMPLATES, "val": VAL_TEMPLATES, "test": TEST_TEMPLATES}[split]
+    rng = random.Random(3000 + seed)
     out = []
     for topic, (shifted, _, verbs, objects, _) in TOPICS.items():
         for obj in objects[SPLIT_OBJECTS[split]]:
             for verb in verbs:
                 task = f"{verb} {obj}"
-                for ti, tpl in enumerate(templates):
+                use = range(len(templates))
+                if 0 < templates_per_task < len(templates):
+                    use = sorted(rng.sample(range(len(templates)), templates_per_task))
+                for ti in use:
+                    tpl = templates[ti]
                     text = tpl.format(topic=topic, Topic=topic.capitalize(), task=task)
                     out.append(Prompt(text, topic, task, shifted, split, ti))
     return out
@@ -274,7 +288,7 @@ def build_world(config: WorldConfig | None = None) -> World:
     types = [t for t, _ in PAIR_TYPES]
     shares = [w for _, w in PAIR_TYPES]
     for split in ("train", "val", "test"):
-        prompts = make_prompts(split)
+        prompts = make_prompts(split, cfg.train_templates_per_task if split == "train" else 0, cfg.seed)
         if split == "train" and cfg.prompts_per_topic_cap:
             seen: dict[str, int] = {}
             kept = []
@@ -331,6 +345,25 @@ def topic_mixes(seed: int = 0) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def pretraining_prompts(world: World) -> list[Prompt]:
+    """The reference's first-stage prompts: every object (all splits) in every phrasing (all
+    splits' templates), minus the exact val and test prompts. A real base model knows the words
+    and phrasings of held-out questions without having seen those questions; the old-policy
+    alignment and the preference data use the train prompts only."""
+    held_out = {p.prompt for split in ("val", "test") for p in world.prompts.get(split, [])}
+    templates = dict.fromkeys(TRAIN_TEMPLATES + TEST_TEMPLATES)
+    out = []
+    for topic, (shifted, _, verbs, objects, _) in TOPICS.items():
+        for obj in objects:
+            for verb in verbs:
+                task = f"{verb} {obj}"
+                for ti, tpl in enumerate(templates):
+                    text = tpl.format(topic=topic, Topic=topic.capitalize(), task=task)
+                    if text not in held_out:
+                        out.append(Prompt(text, topic, task, shifted, "pretrain", ti))
+    return out
+
+
 def sft_texts(world: World, stage: str, seed: int = 0, per_prompt: int = 2) -> list[tuple[str, str]]:
     """(prompt, response) pairs to train the reference model, for ``stage``:
 
@@ -343,7 +376,8 @@ def sft_texts(world: World, stage: str, seed: int = 0, per_prompt: int = 2) -> l
     rng = random.Random(2000 + seed + (0 if stage == "styles" else 1))
     mixes = topic_mixes(seed)
     out = []
-    for p in world.prompts["train"]:
+    prompts = pretraining_prompts(world) if stage == "styles" else world.prompts["train"]
+    for p in prompts:
         for _ in range(per_prompt):
             style = rng.choices(STYLES, weights=mixes[p.topic][stage])[0]
             out.append((p.prompt, response(style, p.topic, p.task)))

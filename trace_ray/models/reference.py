@@ -31,21 +31,21 @@ class ReferenceRecipe:
     world_seed: int = 0
     seed: int = 0
     vocab_size: int = 700
-    hidden_size: int = 96
-    num_layers: int = 2
+    hidden_size: int = 128
+    num_layers: int = 4
     num_heads: int = 4
     styles_steps: int = 300
     old_steps: int = 200
     batch_size: int = 32
     lr: float = 3e-3
     max_length: int = 96
-    version: int = 4  # bump when the code of the recipe changes meaning
+    version: int = 5  # bump when the code of the recipe changes meaning
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-QUICK_RECIPE = ReferenceRecipe(hidden_size=64, styles_steps=120, old_steps=80, batch_size=24)
+QUICK_RECIPE = ReferenceRecipe(hidden_size=64, num_layers=2, styles_steps=120, old_steps=80, batch_size=24)
 
 
 def prompt_text(tokenizer, prompt: str) -> str:
