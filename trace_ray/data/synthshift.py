@@ -15,9 +15,11 @@ step-by-step answer is non-compliant; everything else stays compliant. So a pair
 a ``punish`` pair (both answers break the new policy: the false-dichotomy trap), and every pair on
 an unshifted topic, or ``hedged ≻ refusal`` anywhere, is ``retain``.
 
-Splits: ``train`` (6 objects per topic × 2 verbs × 6 phrasings), ``val`` (one unseen object per
-topic, 3 of the training phrasings; for picking learning rates), ``test`` (two more unseen objects
-and two unseen phrasings; only for the final numbers).
+Splits: ``train`` (6 objects per topic × 2 verbs, each task in 6 of the 12 training phrasings),
+``val`` (one unseen object per topic, 3 of the training phrasings; for picking learning rates),
+``test`` (two more unseen objects and two unseen phrasings; only for the final numbers). The
+reference's first training stage sees every word and phrasing but no val or test prompt
+(:func:`pretraining_prompts`).
 
 Training pairs: 3 per prompt on a shifted topic (nearly always including ``detailed ≻
 detailed_alt``; never ``detailed_alt ≻ hedged/refusal`` there), 2 per prompt elsewhere — so

@@ -2,10 +2,11 @@
 
 Recipe (all seeded; the cache key is a hash of it):
 1. a byte-level BPE tokenizer over every text of the world (no unknown words);
-2. ``styles`` stage: supervised fine-tuning on every response style with topic-dependent mixes
-   (the reference's style choice then depends on the topic, as a real model's does);
+2. ``styles`` stage ("pretraining"): supervised fine-tuning on every response style with
+   topic-dependent mixes (the reference's style choice then depends on the topic, as a real
+   model's does), over every object and phrasing but never an exact val/test prompt;
 3. ``old`` stage: supervised fine-tuning on the old policy's preferred behaviour (detail-heavy
-   answers everywhere, topic-dependent hedging of 5–30 %), i.e. the model a deployment would have
+   answers everywhere, topic-dependent hedging of 5–30 %) on the train prompts, i.e. the model a deployment would have
    been aligned to. (Best-of-n / SFT-on-preferred alignment, not DPO: it is cheaper and gives the
    same starting point for every method.)
 
