@@ -33,10 +33,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(prog: str, work) -> None:
-    """Run ``work() -> dict`` guarded; print its result; exit with the documented code."""
+def main(prog: str, work, result_path: str | None = None) -> None:
+    """Run ``work() -> dict`` guarded; print its result (and write it to ``result_path``, the
+    ``--result`` option, when given); exit with the documented code."""
     def body():
         result = work()
+        if result_path:
+            from trace_ray.storage import write_json
+
+            write_json(result_path, result)
         print(json.dumps(result, indent=2, default=str), flush=True)
 
     sys.exit(guarded(body, prog))

@@ -45,14 +45,9 @@ def main() -> None:
                 f"`python jobs/pipeline.py --config {args.config} --stages {','.join(missing)}` first "
                 "(with the same key=value overrides)"
             )
-        report = run_pipeline(cfg, force=["evaluate"] if args.force else None, dry_run=args.dry_run)
-        if args.result:
-            from trace_ray.storage import write_json
+        return run_pipeline(cfg, force=["evaluate"] if args.force else None, dry_run=args.dry_run)
 
-            write_json(args.result, report)
-        return report
-
-    _common.main("jobs/evaluate.py", work)
+    _common.main("jobs/evaluate.py", work, args.result)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,9 @@ def main() -> None:
         cfg = load_pipeline_config(args.config, overrides)
         if not args.dry_run:
             _common.connect(args.address)
-        report = run_pipeline(cfg, force=["all"] if args.force else None, dry_run=args.dry_run)
-        if args.result:
-            from trace_ray.storage import write_json
+        return run_pipeline(cfg, force=["all"] if args.force else None, dry_run=args.dry_run)
 
-            write_json(args.result, report)
-        return report
-
-    _common.main("jobs/pipeline.py", work)
+    _common.main("jobs/pipeline.py", work, args.result)
 
 
 if __name__ == "__main__":

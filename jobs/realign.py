@@ -20,14 +20,9 @@ def main() -> None:
         from trace_ray.stages import realign_job
 
         _common.connect(args.address)
-        result = realign_job(args.config, args.overrides, force=args.force)
-        if args.result:
-            from trace_ray.storage import write_json
+        return realign_job(args.config, args.overrides, force=args.force)
 
-            write_json(args.result, result)
-        return result
-
-    _common.main("jobs/realign.py", work)
+    _common.main("jobs/realign.py", work, args.result)
 
 
 if __name__ == "__main__":

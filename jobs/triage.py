@@ -23,14 +23,9 @@ def main() -> None:
         from trace_ray.stages import triage_job
 
         _common.connect(args.address)
-        result = triage_job(args.data, args.policy, args.out, format=args.format, force=args.force)
-        if args.result:
-            from trace_ray.storage import write_json
+        return triage_job(args.data, args.policy, args.out, format=args.format, force=args.force)
 
-            write_json(args.result, result)
-        return result
-
-    _common.main("jobs/triage.py", work)
+    _common.main("jobs/triage.py", work, args.result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ HEADLINE = [
     ("tpa_sampled_fluent", "TPA sampled & well-formed ↑"),
     ("p_compliant_style_shifted", "P(compliant style | shifted) ↑"),
     ("collateral", "collateral ↓"),
+    ("collateral_any_detail", "collateral, any step marker ↓"),
     ("refusal_rise", "refusal rise ↓"),
     ("well_formed", "well-formed ↑"),
     ("utility_nll", "utility NLL ↓"),

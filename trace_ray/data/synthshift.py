@@ -233,23 +233,30 @@ class World:
         return out
 
 
+def _tasks(objects: slice = slice(None)):
+    """``(topic, shifted, task)`` for every topic, each of its ``objects`` and each verb."""
+    for topic, (shifted, _, verbs, objs, _) in TOPICS.items():
+        for obj in objs[objects]:
+            for verb in verbs:
+                yield topic, shifted, f"{verb} {obj}"
+
+
+def _phrase(templates: tuple[str, ...], ti: int, topic: str, shifted: bool, task: str, split: str) -> Prompt:
+    text = templates[ti].format(topic=topic, Topic=topic.capitalize(), task=task)
+    return Prompt(text, topic, task, shifted, split, ti)
+
+
 def make_prompts(split: str, templates_per_task: int = 0, seed: int = 0) -> list[Prompt]:
     """Every prompt of ``split``; ``templates_per_task`` > 0 phrases each task in that many of the
     split's templates (a seeded draw per task) instead of all of them."""
     templates = {"train": TRAIN_TEMPLATES, "val": VAL_TEMPLATES, "test": TEST_TEMPLATES}[split]
     rng = random.Random(3000 + seed)
     out = []
-    for topic, (shifted, _, verbs, objects, _) in TOPICS.items():
-        for obj in objects[SPLIT_OBJECTS[split]]:
-            for verb in verbs:
-                task = f"{verb} {obj}"
-                use = range(len(templates))
-                if 0 < templates_per_task < len(templates):
-                    use = sorted(rng.sample(range(len(templates)), templates_per_task))
-                for ti in use:
-                    tpl = templates[ti]
-                    text = tpl.format(topic=topic, Topic=topic.capitalize(), task=task)
-                    out.append(Prompt(text, topic, task, shifted, split, ti))
+    for topic, shifted, task in _tasks(SPLIT_OBJECTS[split]):
+        use = range(len(templates))
+        if 0 < templates_per_task < len(templates):
+            use = sorted(rng.sample(range(len(templates)), templates_per_task))
+        out.extend(_phrase(templates, ti, topic, shifted, task, split) for ti in use)
     return out
 
 
@@ -353,17 +360,9 @@ def pretraining_prompts(world: World) -> list[Prompt]:
     and phrasings of held-out questions without having seen those questions; the old-policy
     alignment and the preference data use the train prompts only."""
     held_out = {p.prompt for split in ("val", "test") for p in world.prompts.get(split, [])}
-    templates = dict.fromkeys(TRAIN_TEMPLATES + TEST_TEMPLATES)
-    out = []
-    for topic, (shifted, _, verbs, objects, _) in TOPICS.items():
-        for obj in objects:
-            for verb in verbs:
-                task = f"{verb} {obj}"
-                for ti, tpl in enumerate(templates):
-                    text = tpl.format(topic=topic, Topic=topic.capitalize(), task=task)
-                    if text not in held_out:
-                        out.append(Prompt(text, topic, task, shifted, "pretrain", ti))
-    return out
+    templates = tuple(dict.fromkeys(TRAIN_TEMPLATES + TEST_TEMPLATES))
+    every = (_phrase(templates, ti, *t, "pretrain") for t in _tasks() for ti in range(len(templates)))
+    return [p for p in every if p.prompt not in held_out]
 
 
 def sft_texts(world: World, stage: str, seed: int = 0, per_prompt: int = 2) -> list[tuple[str, str]]:
