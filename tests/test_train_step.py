@@ -76,6 +76,33 @@ def test_nll_anchor_and_precomputed_reference(tiny_model, tiny_tokenizer, tiny_m
     assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
 
 
+def test_retain_nll_adds_per_token_nll_of_retained_answers(tiny_model, tiny_tokenizer):
+    """μ·NLL(y_w)/|y_w| of every retain row is added (checked against a plain full-softmax
+    forward), on top of the KL (0 at θ = θ_ref); preference rows are untouched by it."""
+    from trace_ray.logprobs import encode_pairs
+
+    model = lora(tiny_model)
+    recs = rows(n_invert=1, n_punish=0, n_retain=2)
+    base = StepSettings(beta=BETA, alpha_kl=0.1, nominal_batch=3, max_length=64)
+    with_rt = StepSettings(beta=BETA, alpha_kl=0.1, retain_nll=2.0, nominal_batch=3, max_length=64)
+    l0, _ = compute_loss(model, collate(tiny_tokenizer, recs, base), base)
+    l1, st = compute_loss(model, collate(tiny_tokenizer, recs, with_rt), with_rt)
+    ret = [r for r in recs if r["category"] == "retain"]
+    enc = encode_pairs(tiny_tokenizer, ret, 64)
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, enc["input_ids"][:, 1:, None]).squeeze(-1)
+    m = enc["loss_mask"][:, 1:].double()
+    nll = (-(lp * m).sum(-1) / m.sum(-1))[: len(ret)]  # the chosen rows
+    assert float(l0) == pytest.approx(LN2 / 3, rel=1e-5)
+    assert float(l1 - l0) == pytest.approx(float(2.0 * nll.sum() / 3), rel=1e-5)
+    assert st["L_retain_nll_sum"] == pytest.approx(float(2.0 * nll.sum()), rel=1e-5) and st["n_retain"] == 2
+    # without the KL the retain rows still run for the NLL term
+    only = StepSettings(beta=BETA, alpha_kl=0.0, retain_nll=2.0, nominal_batch=3, max_length=64)
+    l2, _ = compute_loss(model, collate(tiny_tokenizer, recs, only), only)
+    assert float(l2) == pytest.approx(float(l1), rel=1e-5)
+
+
 def test_regrouping_invariance_zero_weight_and_padding(tiny_model, tiny_tokenizer):
     """One micro-batch of 4 == the mean of two micro-batches of 2 (gradients too): what makes
     2 workers × 1 step equal 1 worker × 2 accumulation steps. A zero weight and a padding row

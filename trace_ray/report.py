@@ -120,7 +120,7 @@ def plot_weights(results: dict, path: Path) -> Path | None:
     return path
 
 
-LOSS_PARTS = ("loss", "L_I", "L_II", "L_KL", "L_anchor")
+LOSS_PARTS = ("loss", "L_I", "L_II", "L_KL", "L_anchor", "L_retain_nll")
 
 
 def plot_losses(results: dict, path: Path) -> Path | None:

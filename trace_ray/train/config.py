@@ -94,12 +94,14 @@ class LossConfig:
     alpha_kl: float = 0.1
     npo_normalize: bool = True  # NPO's own 2/β factor (Zhang et al. 2024); the authors omit it
     nll_anchor: float = 0.0  # λ · per-token NLL of the compliant winner (RPO-style); 0 = paper
+    retain_nll: float = 0.0  # μ · per-token NLL of each retain row's chosen answer (NPO+RT-style); 0 = paper
 
     def validate(self):
         if self.beta <= 0:
             raise ConfigError(f"loss.beta: must be > 0, got {self.beta}")
-        if self.alpha_kl < 0 or self.nll_anchor < 0:
-            raise ConfigError("loss.alpha_kl / loss.nll_anchor: must be >= 0")
+        for name in ("alpha_kl", "nll_anchor", "retain_nll"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

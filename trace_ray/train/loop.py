@@ -270,7 +270,7 @@ def _attach(rows: list[dict], weights: dict) -> None:
 class _MetricsLog:
     """Rank 0: metrics.jsonl (rewritten from the checkpoint's lines on resume), console, TB, MLflow."""
 
-    KEYS = ("loss", "L_I", "L_II", "L_KL", "margin", "w_mean", "samples_per_s")
+    KEYS = ("loss", "L_I", "L_II", "L_KL", "L_retain_nll", "margin", "w_mean", "samples_per_s")
 
     def __init__(self, out_dir: Path | None, lines: list[dict], cfg: RunConfig, env):
         self.lines = lines

@@ -46,6 +46,7 @@ class StepSettings:
     alpha_kl: float = 0.1
     npo_normalize: bool = True
     nll_anchor: float = 0.0
+    retain_nll: float = 0.0
     max_length: int = 256
     reference_mode: str = "adapter_disabled"  # precomputed | adapter_disabled | frozen_copy
     nominal_batch: int = 8  # B: the loss is a sum over rows divided by B
@@ -58,6 +59,7 @@ class StepSettings:
         return cls(
             method=cfg.method, beta=cfg.loss.beta, alpha_kl=cfg.loss.alpha_kl,
             npo_normalize=cfg.loss.npo_normalize, nll_anchor=cfg.loss.nll_anchor,
+            retain_nll=cfg.loss.retain_nll,
             max_length=cfg.data.max_length, reference_mode=cfg.reference.mode,
             nominal_batch=cfg.train.batch_size,
             always_forward=cfg.backend.kind == "deepspeed" and cfg.backend.zero_stage == 3,
@@ -91,13 +93,13 @@ def collate(tokenizer, records: Sequence[Mapping[str, Any]], settings: StepSetti
     """
     live = [r for r in records if not r.get("_pad")]
     pref = [r for r in live if r["category"] in PREF_CATEGORIES]
-    ret = [r for r in live if r["category"] == "retain"] if settings.alpha_kl > 0 else []
+    ret = [r for r in live if r["category"] == "retain"] if settings.alpha_kl > 0 or settings.retain_nll > 0 else []
     out: dict = {"n_rows": len(live), "pref": None, "kl": None, "kl_cat": None}
     if settings.always_forward:
         dummy = dict(next(iter(records), None) or DUMMY_ROW, category="unresolved", weight=0.0, corrected=None)
         if not pref:
             pref = [dummy]
-        if settings.alpha_kl > 0 and not ret:
+        if (settings.alpha_kl > 0 or settings.retain_nll > 0) and not ret:
             ret = [dummy]
         out["kl_cat"] = torch.tensor([L.RETAIN if r["category"] == "retain" else L.UNRESOLVED for r in ret])
     if pref:
@@ -213,16 +215,23 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
         )
     kl_enc = batch["kl"]
     if kl_enc is not None:
-        _, pol_logits = forward_logps(net, kl_enc, return_logits=True)
-        _, ref_logits = _reference_forward(model, ref_model, kl_enc, settings.reference_mode, True)
-        kl = L.forward_kl(ref_logits, pol_logits, logits_mask(kl_enc["loss_mask"].to(device)))
-        cat = batch["kl_cat"].to(device) if batch.get("kl_cat") is not None else torch.full_like(kl, L.RETAIN, dtype=torch.long)
-        z = torch.zeros_like(kl)
-        kl_total, parts = L.trace_loss(
-            cat, z, z, z, z, None, kl, beta=settings.beta, alpha_kl=settings.alpha_kl, reduction="sum"
-        )
-        total = total + kl_total / B
-        stats.update(L_KL_sum=float(parts["L_KL"]), n_retain=float(parts["n_retain"]))
+        pol_lp, pol_logits = forward_logps(net, kl_enc, return_logits=True)
+        cat = batch["kl_cat"].to(device) if batch.get("kl_cat") is not None else torch.full((pol_lp.shape[0],), L.RETAIN, dtype=torch.long, device=device)
+        if settings.alpha_kl > 0:
+            _, ref_logits = _reference_forward(model, ref_model, kl_enc, settings.reference_mode, True)
+            kl = L.forward_kl(ref_logits, pol_logits, logits_mask(kl_enc["loss_mask"].to(device)))
+            z = torch.zeros_like(kl)
+            kl_total, parts = L.trace_loss(
+                cat, z, z, z, z, None, kl, beta=settings.beta, alpha_kl=settings.alpha_kl, reduction="sum"
+            )
+            total = total + kl_total / B
+            stats.update(L_KL_sum=float(parts["L_KL"]))
+        stats["n_retain"] = float((cat == L.RETAIN).sum())
+        if settings.retain_nll > 0:
+            nll = L.nll_anchor(pol_lp, response_lengths(kl_enc).to(device), settings.retain_nll)
+            rnll = torch.where(cat == L.RETAIN, nll, torch.zeros_like(nll)).sum()
+            total = total + rnll / B
+            stats["L_retain_nll_sum"] = float(rnll.detach())
     stats["loss_sum"] = float(total.detach()) * B
     return total, stats
 
@@ -254,6 +263,7 @@ def summarize(s: dict, nominal_rows: float) -> dict:
         "loss": s.get("loss_sum", 0.0) / nominal_rows,
         "L_I": mean("L_I_sum", "n_invert"), "L_II": mean("L_II_sum", "n_punish"),
         "L_KL": mean("L_KL_sum", "n_retain"), "L_anchor": mean("L_anchor_sum", "n_w"),
+        "L_retain_nll": mean("L_retain_nll_sum", "n_retain"),
         "raw_L_I": mean("raw_I_sum", "n_invert"), "raw_L_II": mean("raw_II_sum", "n_punish"),
         "margin": mean("margin_sum", "n_invert"), "reward_acc": mean("acc_sum", "n_invert"),
         "w_mean": w_mean,
