@@ -11,7 +11,7 @@ import torch
 
 from trace_ray.config import from_dict
 from trace_ray.train.config import RunConfig
-from trace_ray.train.step import StepSettings, collate, compute_loss
+from trace_ray.train.step import StepSettings, collate, compute_loss, stats_tensor, summarize, tensor_stats
 
 from train_data import run_dict, triaged_rows, write_triaged
 
@@ -97,6 +97,8 @@ def test_retain_nll_adds_per_token_nll_of_retained_answers(tiny_model, tiny_toke
     assert float(l0) == pytest.approx(LN2 / 3, rel=1e-5)
     assert float(l1 - l0) == pytest.approx(float(2.0 * nll.sum() / 3), rel=1e-5)
     assert st["L_retain_nll_sum"] == pytest.approx(float(2.0 * nll.sum()), rel=1e-5) and st["n_retain"] == 2
+    logged = summarize(tensor_stats(stats_tensor(st)), 3)  # the all-reduce round trip keeps it
+    assert logged["L_retain_nll"] == pytest.approx(float(2.0 * nll.mean()), rel=1e-5)
     # without the KL the retain rows still run for the NLL term
     only = StepSettings(beta=BETA, alpha_kl=0.0, retain_nll=2.0, nominal_batch=3, max_length=64)
     l2, _ = compute_loss(model, collate(tiny_tokenizer, recs, only), only)

@@ -4,7 +4,7 @@ world → reference (cached) → triage (Ray Data, the SynthShift policy YAML) �
 the shared trainer (``trace_ray.train.train_local``, one in-process worker per run, runs spread
 over Ray tasks) → evaluation → ``report.json`` / ``report.html`` / PNGs.
 
-Fairness: every method has the same steps, batch, seeds, loss constants (β, α_KL, NLL anchor λ)
+Fairness: every method has the same steps, batch, seeds, loss constants (β, α_KL, NLL anchor λ, retain NLL μ)
 and the same learning-rate grid; its learning rate is picked by a score on the **validation**
 split (``tpa_sampled_fluent − collateral``), never on the test prompts. Test metrics are reported
 for the picked learning rate only, mean ± std over seeds.

@@ -21,7 +21,8 @@ Methods (``RunConfig.method``) map onto the same losses:
 ``naive_dpo`` — every pair whose chosen is non-compliant (invert ∪ punish) → reversed DPO (the
 false dichotomy), retain → KL; ``npo_all`` — NPO on the chosen response of every such pair,
 retain → KL. The NLL anchor λ goes to every preference term's winner alike (y_l for reversed
-DPO, y_c for corrections; NPO has no winner).
+DPO, y_c for corrections; NPO has no winner); the retain NLL μ to every retain row's chosen answer
+(computed from the same forward as the KL), for every method.
 """
 
 from __future__ import annotations
@@ -276,13 +277,13 @@ def summarize(s: dict, nominal_rows: float) -> dict:
 
 
 STAT_KEYS = (
-    "n_rows", "loss_sum", "L_I_sum", "L_II_sum", "L_KL_sum", "L_anchor_sum", "n_invert", "n_punish",
+    "n_rows", "loss_sum", "L_I_sum", "L_II_sum", "L_KL_sum", "L_anchor_sum", "L_retain_nll_sum", "n_invert", "n_punish",
     "n_retain", "margin_sum", "acc_sum", "w_sum", "w_sq_sum", "w_max", "n_w", "raw_I_sum", "raw_II_sum",
 )
 
 
 def stats_tensor(s: dict) -> torch.Tensor:
-    return torch.tensor([s.get(k, 0.0) if k != "w_max" else s.get(k, 0.0) for k in STAT_KEYS], dtype=torch.float64)
+    return torch.tensor([s.get(k, 0.0) for k in STAT_KEYS], dtype=torch.float64)
 
 
 def tensor_stats(t: torch.Tensor) -> dict:
