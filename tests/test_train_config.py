@@ -34,6 +34,7 @@ def test_defaults_and_yaml_round_trip(tmp_path, triaged, tiny_model_dir):
         ("train.batchsize=4", "train.batchsize"),  # unknown key
         ("train.batch_size=four", "train.batch_size"),  # wrong type
         ("loss.beta=true", "loss.beta"),
+        ("loss.retain_nll=-1", "loss.retain_nll"),  # negative weight
         ("method=dpo", "method"),  # not a choice
         ("backend.kind=fsdp", "backend.kind"),
         ("backend.zero_stage=4", "backend.zero_stage"),
