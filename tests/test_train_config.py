@@ -8,7 +8,7 @@ import yaml
 from trace_ray.config import ConfigError, from_dict
 from trace_ray.train.config import RunConfig, load_run_config
 from trace_ray.train.data import balanced_bounds
-from trace_ray.train.run import check_inputs, make_plan
+from trace_ray.train.run import check_inputs, make_plan, used_categories
 
 from train_data import run_dict, write_triaged
 
@@ -52,6 +52,13 @@ def test_bad_values_name_the_field(tmp_path, triaged, tiny_model_dir, override, 
     with pytest.raises(ConfigError) as e:
         load_run_config(p, [override])
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("alpha_kl, retain_nll, loaded", [(0.1, 0.0, True), (0.0, 1.0, True), (0.0, 0.0, False)])
+def test_retain_rows_load_when_either_retain_term_is_on(tmp_path, triaged, tiny_model_dir, alpha_kl, retain_nll, loaded):
+    """The data path keeps retain rows for the KL anchor *or* the retain NLL (else none carry a loss)."""
+    d = run_dict(tiny_model_dir, triaged, tmp_path / "out", loss={"alpha_kl": alpha_kl, "retain_nll": retain_nll})
+    assert ("retain" in used_categories(from_dict(RunConfig, d))) is loaded
 
 
 def test_required_fields():

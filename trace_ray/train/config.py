@@ -88,6 +88,12 @@ class ReferenceConfig:
     workers: int = 1  # actors of the precompute pass
 
 
+def retain_has_loss(alpha_kl: float, retain_nll: float) -> bool:
+    """Whether retain rows carry a loss (the KL anchor, the retain NLL, or both); when not, they
+    are neither loaded nor run."""
+    return alpha_kl > 0 or retain_nll > 0
+
+
 @dataclass
 class LossConfig:
     beta: float = 0.3

@@ -35,6 +35,7 @@ import torch
 
 from trace_ray import losses as L
 from trace_ray.logprobs import encode_pairs, forward_logps, logits_mask, response_lengths, select_rows
+from trace_ray.train.config import retain_has_loss
 
 PREF_CATEGORIES = ("invert", "punish")
 DUMMY_ROW = {"id": "_dummy", "prompt": "x", "chosen": "x", "rejected": "x"}
@@ -54,6 +55,10 @@ class StepSettings:
     # ZeRO-3 gathers parameters inside every forward, so every rank must run the same forwards:
     # a micro-batch without preference (or retain) rows then runs a zero-weight dummy row.
     always_forward: bool = False
+
+    @property
+    def retain_rows(self) -> bool:
+        return retain_has_loss(self.alpha_kl, self.retain_nll)
 
     @classmethod
     def from_run(cls, cfg) -> "StepSettings":
@@ -89,18 +94,19 @@ def collate(tokenizer, records: Sequence[Mapping[str, Any]], settings: StepSetti
 
     ``pref``: ``encode_pairs`` of the preference rows ([2P, T] or [3P, T]); ``pref_cat`` [P] loss
     codes; ``pref_w`` [P] weights; ``pref_ref`` [2P] / [3P] precomputed reference log-probs (or
-    None); ``kl``: the retain rows' ``prompt+chosen`` ([R, T]); ``n_rows`` rows counted.
+    None); ``kl``: the retain rows' ``prompt+chosen`` ([R, T]; for the KL and the retain NLL);
+    ``n_rows`` rows counted.
     A ``_pad`` row (used when a worker's shard runs out) contributes no loss.
     """
     live = [r for r in records if not r.get("_pad")]
     pref = [r for r in live if r["category"] in PREF_CATEGORIES]
-    ret = [r for r in live if r["category"] == "retain"] if settings.alpha_kl > 0 or settings.retain_nll > 0 else []
+    ret = [r for r in live if r["category"] == "retain"] if settings.retain_rows else []
     out: dict = {"n_rows": len(live), "pref": None, "kl": None, "kl_cat": None}
     if settings.always_forward:
         dummy = dict(next(iter(records), None) or DUMMY_ROW, category="unresolved", weight=0.0, corrected=None)
         if not pref:
             pref = [dummy]
-        if (settings.alpha_kl > 0 or settings.retain_nll > 0) and not ret:
+        if settings.retain_rows and not ret:
             ret = [dummy]
         out["kl_cat"] = torch.tensor([L.RETAIN if r["category"] == "retain" else L.UNRESOLVED for r in ret])
     if pref:
@@ -153,7 +159,7 @@ def _reference_forward(model, ref_model, batch, mode: str, with_logits: bool):
 def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> tuple[torch.Tensor, dict]:
     """The micro-batch loss (scalar, with gradient) and detached statistics.
 
-    ``loss = (Σ_pref w_i·L_i + α_KL·Σ_retain KL_i) / B`` with B = ``settings.nominal_batch``
+    ``loss = (Σ_pref w_i·L_i + Σ_retain (α_KL·KL_i + μ·NLL_i/|y_i|)) / B`` with B = ``settings.nominal_batch``
     (``losses.trace_loss`` with ``reduction="sum"``). Stats are sums and counts (``*_sum``,
     ``n_*``) so they can be added over micro-steps and all-reduced over workers before dividing.
     """
