@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     settings = from_dict(ServeSettings, {"model": model, "policy": args.policy, "served_name": "bench",
                                          "hf": {"max_batch_size": args.max_batch_size}})
     app = build_from_settings(settings, api_key=key)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.perf_counter()

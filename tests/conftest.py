@@ -22,7 +22,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": never join a cluster some other process started with `ray start` on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     # Serve tests may have started Serve; shut everything down once at the end.
     try:

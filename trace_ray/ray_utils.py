@@ -21,7 +21,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        # "local": a new instance even when a `ray start` cluster runs on this machine (joining one
+        # is what --address / RAY_ADDRESS are for)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     _quiet_data_progress()
 
 
