@@ -20,6 +20,8 @@ from typing import Any
 
 from ray import serve
 
+from trace_ray.chat import prompt_ids
+
 GREEDY_BELOW = 0.01  # temperatures under this decode greedily (dividing logits by ~0 overflows)
 
 
@@ -68,11 +70,8 @@ class HFGenerator:
             ids = self.tok(HFJudge._text(self, req["messages"]), add_special_tokens=False)["input_ids"]
             return ids[-max(8, (self.max_len or 4096) - req["max_tokens"]):]
         if "messages" in req:
-            if self.tok.chat_template:
-                text = self.tok.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=False)
-                return self.tok(text, add_special_tokens=False)["input_ids"]
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in req["messages"]) + "assistant:"
-            return self.tok(text)["input_ids"]
+            # the same rendering as training and evaluation (trace_ray.chat)
+            return prompt_ids(self.tok, [{"role": m["role"], "content": m["content"]} for m in req["messages"]])
         return self.tok(req["prompt"])["input_ids"]
 
     def _encode_checked(self, req: dict) -> tuple[list[int], str | None]:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from trace_ray.data import synthshift as ss
-from trace_ray.models.reference import encode_sft, prompt_text
+from trace_ray.chat import left_padded, prompt_ids
+from trace_ray.models.reference import encode_sft
 
 Oracle = Callable[[list[str], list[str]], list[bool]]
 # what a model's collateral is measured against: these rates of the reference, same split
@@ -71,28 +72,22 @@ def generate(model, tokenizer, prompts: list[str], *, do_sample: bool, num_sampl
     import torch
 
     torch.manual_seed(seed)
-    texts = [prompt_text(tokenizer, p) for p in prompts]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
     out: list[list[str]] = []
     device = next(model.parameters()).device
-    try:
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                gen = model.generate(
-                    **enc, do_sample=do_sample, temperature=temperature if do_sample else None,
-                    top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-                    num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            dec = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for j in range(len(chunk)):
-                out.append([d.strip() for d in dec[j * num_samples : (j + 1) * num_samples]])
-    finally:
-        tokenizer.padding_side = old_side
+    for i in range(0, len(rows), batch_size):
+        ids, mask = left_padded(tokenizer, rows[i : i + batch_size])
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
+                num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        dec = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        for j in range(ids.shape[0]):
+            out.append([d.strip() for d in dec[j * num_samples : (j + 1) * num_samples]])
     return out
 
 
@@ -104,7 +99,7 @@ def _generate_vllm(model_path, tokenizer, prompts, *, do_sample, num_samples, te
     llm = LLM(model=str(model_path), seed=seed, enforce_eager=True)
     params = SamplingParams(n=num_samples, temperature=temperature if do_sample else 0.0,
                             max_tokens=max_new_tokens, seed=seed)
-    outs = llm.generate([prompt_text(tokenizer, p) for p in prompts], params)
+    outs = llm.generate([{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts], params)
     return [[c.text.strip() for c in o.outputs] for o in outs]
 
 
@@ -149,19 +144,14 @@ def style_probabilities(model, tokenizer, prompts: list[ss.Prompt]) -> list[dict
     firsts = {s: tokenizer(ss.response(s, "baking", "x"), add_special_tokens=False)["input_ids"][0] for s in ss.STYLES}
     if len(set(firsts.values())) != len(firsts):
         raise ValueError(f"the styles' opening tokens collide under this tokenizer: {firsts}")
-    texts = [prompt_text(tokenizer, p.prompt) for p in prompts]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    rows = [prompt_ids(tokenizer, p.prompt) for p in prompts]
     out = []
-    try:
-        for i in range(0, len(texts), 64):
-            enc = tokenizer(texts[i : i + 64], return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                lp = torch.log_softmax(model(**enc).logits[:, -1].float(), -1)
-            sel = torch.softmax(lp[:, [firsts[s] for s in ss.STYLES]], -1)
-            out.extend({s: float(v) for s, v in zip(ss.STYLES, row)} for row in sel)
-    finally:
-        tokenizer.padding_side = old_side
+    for i in range(0, len(rows), 64):
+        ids, mask = left_padded(tokenizer, rows[i : i + 64])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, -1].float(), -1)
+        sel = torch.softmax(lp[:, [firsts[s] for s in ss.STYLES]], -1)
+        out.extend({s: float(v) for s, v in zip(ss.STYLES, row)} for row in sel)
     return out
 
 

@@ -14,49 +14,17 @@ applied only to response positions, so prompt and padding positions never pay fo
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from trace_ray.chat import prompt_ids
 
 # fp32 elements per logits chunk (32 MiB): bounds peak memory whatever the vocabulary size.
 CHUNK_ELEMENTS = 1 << 23
 
 
 # ----------------------------------------------------------------------------------- encoding
-def _messages(prompt: Any) -> list[dict] | None:
-    """A chat-message list if ``prompt`` is one (a list, or a JSON string of one), else None."""
-    if isinstance(prompt, list):
-        return prompt
-    if isinstance(prompt, str) and prompt.lstrip().startswith("[{"):
-        try:
-            msgs = json.loads(prompt)
-        except ValueError:
-            return None
-        if isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            return msgs
-    return None
-
-
-def encode_prompt(tokenizer, prompt: Any) -> list[int]:
-    """Prompt token ids: the chat template with a generation prompt when the tokenizer has one."""
-    msgs = _messages(prompt)
-    if getattr(tokenizer, "chat_template", None):
-        msgs = msgs or [{"role": "user", "content": str(prompt)}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs) if msgs else str(prompt)
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    if not ids:
-        # The first response token needs a context position to be predicted from.
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if start is None:
-            raise ValueError("prompt: empty prompt and the tokenizer has no bos/eos token to start from")
-        ids = [start]
-    return list(ids)
-
-
 def encode_response(tokenizer, response: str) -> list[int]:
     """Response token ids followed by eos (the model must also learn where the answer stops)."""
     ids = list(tokenizer(str(response), add_special_tokens=False)["input_ids"])
@@ -94,7 +62,7 @@ def encode_pairs(
         for k in ("prompt", "chosen", "rejected"):
             if rec.get(k) is None:
                 raise ValueError(f"records[{i}].{k}: missing")
-        p = encode_prompt(tokenizer, rec["prompt"])
+        p = prompt_ids(tokenizer, rec["prompt"])
         corr = rec.get("corrected") if with_corrected else None
         has_corrected.append(bool(corr))
         resp = [encode_response(tokenizer, rec[k] if k != "corrected" else (corr or "")) for k in keys]

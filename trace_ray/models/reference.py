@@ -49,23 +49,16 @@ class ReferenceRecipe:
 QUICK_RECIPE = ReferenceRecipe(hidden_size=64, num_layers=2, styles_steps=120, old_steps=80, batch_size=24)
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: the chat template with the assistant turn opened."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt + "\n"
-
-
 def encode_sft(tokenizer, prompts: list[str], responses: list[str], max_length: int):
     """Right-padded batch: ``input_ids``, ``attention_mask`` [B, T] and ``labels`` [B, T]
     (-100 on prompt and padding; the response is followed by EOS so generation stops)."""
     import torch
 
+    from trace_ray.chat import prompt_ids
+
     rows, labels = [], []
     for p, r in zip(prompts, responses):
-        pi = tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+        pi = prompt_ids(tokenizer, p)
         ri = tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (pi + ri)[:max_length]
         lab = ([-100] * len(pi) + ri)[:max_length]
