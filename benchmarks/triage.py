@@ -1,16 +1,30 @@
-"""Benchmark: rule triage on Ray Data vs a plain single-process Python loop, same rows, same run.
+"""Benchmark: rule triage at scale — Ray Data vs a plain loop vs the bare regex limit, same run.
 
-    .venv/bin/python benchmarks/triage.py                     # 100,000 pairs, 4 shards, local Ray
-    .venv/bin/python benchmarks/triage.py --pairs 20000 --num-cpus 2
+    .venv/bin/python benchmarks/triage.py                          # 1,000,000 and 100,000 pairs (~20 min)
+    .venv/bin/python benchmarks/triage.py --pairs 200000 --small 50000 --loop-rows 50000   # a quick look
+    .venv/bin/python benchmarks/triage.py --judge-pairs 16           # + the HF judge on CPU (SmolLM2)
 
-Generates ``--pairs`` synthetic preference pairs (seeded; ~8% of responses trip the policy) as
-``--shards`` JSON-lines files, then times, end to end (read → judge both responses → write
-Parquet), (1) ``run_triage`` on Ray Data and (2) ``iter_records`` + ``triage_records`` in one
-process writing the same Parquet columns. Both must agree on every count. Writes rows/s of each
-and their ratio to ``benchmarks/results/triage.json``. Ray start-up is excluded (a long-lived
-cluster pays it once). The Ray Data pipeline runs twice: ``ray_data_cold`` is the first run of the
-session (worker processes start and import the libraries), ``ray_data`` the second (warm);
-per-run planning and task scheduling are included in both.
+Data: ``--pairs`` generated preference pairs of realistic length: prompts of the real HH-RLHF test
+file, responses of 200-2,000 characters built from its sentences (curly quotes, other Unicode and
+all), ``--rows-per-shard`` rows per file (so the file count, not the file size, grows with the
+rows), JSON lines or Parquet (``--input``). Policy: the HH text policy (3 keyword rules + 1 regex
+rule). Each measurement runs in its own fresh process (clean memory figures):
+
+- ``regex_limit``: the policy's patterns alone on the responses of one shard held in memory, one
+  thread: Arrow's RE2 kernel (the vectorised engine; one pass per pattern) and the ``regex`` module
+  (the row-wise engine), in rows/s (a row = both responses).
+- ``plain_loop``: ``iter_records`` + ``triage_records`` (the row-wise reference) + one
+  ``ParquetWriter``, one process, over ``--loop-rows`` rows (default: all).
+- ``ray``: ``run_triage`` on a fresh local Ray with 1 and 2 CPUs, on ``--small`` and ``--pairs`` rows,
+  after a warm-up run on one shard (worker start-up and imports excluded, as on a long-lived
+  cluster). Peak RSS of the driver and of the Ray worker processes (sampled every 0.2 s).
+- ``equality``: the 2-CPU output of the largest run against the plain loop's output, row for row
+  (id, verdicts, reasons, category, meta), when the loop covered every row.
+- ``hf_judge`` (``--judge-pairs N``): the HF judge (``configs/policies/hh_judge_smollm2.yaml``,
+  SmolLM2-135M on CPU, 1 actor) end to end, model load included.
+
+Writes ``benchmarks/results/triage.json`` (with the load average before and after: the machine is
+shared, so compare ratios within one run).
 """
 
 from __future__ import annotations
@@ -20,138 +34,334 @@ import json
 import os
 import platform
 import random
+import re
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-WORDS = ("the a you can should will it this that to of and in for with on your my we they answer help "
-         "question time people place think good idea safe check before after maybe always never "
-         "recipe garden weather travel music book friend family money school work health").split()
-BAD = ["gun", "knife", "steal", "hack", "idiot", "cocaine", "bomb"]
+from _common import HH  # noqa: E402
 
-
-def sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+POLICY = ROOT / "configs/policies/hh_harmless_v2.yaml"
+JUDGE_POLICY = ROOT / "configs/policies/hh_judge_smollm2.yaml"
 
 
-def response(rng: random.Random) -> str:
-    parts = [sentence(rng, rng.randint(6, 14)) for _ in range(rng.randint(2, 5))]
-    r = rng.random()
-    if r < 0.05:
-        parts.insert(rng.randrange(len(parts)), f"You could use a {rng.choice(BAD)} for that.")
-    elif r < 0.08:
-        parts = [f"{i}. {p}" for i, p in enumerate(parts, 1)]
-    return "\n".join(parts) if parts[0][:2] == "1." else " ".join(parts)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=1_000_000, help="rows of the large run (default 1000000)")
+    p.add_argument("--small", type=int, default=100_000, help="rows of the small run, for memory vs rows (default 100000)")
+    p.add_argument("--rows-per-shard", type=int, default=25_000, help="rows per input file (default 25000)")
+    p.add_argument("--input", choices=["jsonl", "parquet"], default="jsonl", help="input file format (default jsonl)")
+    p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="local Ray CPU counts to run (default 1 2)")
+    p.add_argument("--loop-rows", type=int, default=None, help="rows for the plain loop (default: all --pairs)")
+    p.add_argument("--judge-pairs", type=int, default=0, help="pairs for the HF judge measurement (default 0: skip)")
+    p.add_argument("--policy", default=str(POLICY), help="rule policy YAML (default: the HH text policy)")
+    p.add_argument("--data", default=str(HH), help="HH-RLHF file whose prompts/sentences make the text")
+    p.add_argument("--work", default=None, help="folder for generated data and outputs (default: a temp folder, removed)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/triage.json"), help="result JSON path")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
+    return p.parse_args(argv)
 
 
-def generate(folder: Path, pairs: int, shards: int, seed: int = 0) -> list[Path]:
+# ----------------------------------------------------------------------------------- data
+def sentence_pool(path: str) -> tuple[list[str], list[str]]:
+    """Prompts and response sentences of the real HH-RLHF file (a small built-in pool without it)."""
+    from trace_ray.data.readers import iter_records
+
+    prompts, sents = [], []
+    if Path(path).exists():
+        for rec in iter_records(path, "hh"):
+            if rec["_error"]:
+                continue
+            prompts.append(rec["prompt"])
+            for side in ("chosen", "rejected"):
+                sents += [s for s in re.split(r"(?<=[.!?])\s+", rec[side]) if s]
+    if not sents:
+        words = "the a you can should will it answer help question time people think idea safe check".split()
+        rng = random.Random(1)
+        sents = [" ".join(rng.choice(words) for _ in range(10)).capitalize() + "." for _ in range(2000)]
+        prompts = ["\n\nHuman: " + s + "\n\nAssistant:" for s in sents[:500]]
+    return prompts, sents
+
+
+def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed: int) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts, sents = sentence_pool(data)
     rng = random.Random(seed)
-    files = [folder / f"pairs-{i:03d}.jsonl" for i in range(shards)]
-    handles = [f.open("w") for f in files]
-    for i in range(pairs):
-        row = {"prompt": sentence(rng, rng.randint(5, 15)) + "?", "chosen": response(rng), "rejected": response(rng)}
-        handles[i % shards].write(json.dumps(row) + "\n")
-    for h in handles:
-        h.close()
+
+    def response() -> str:
+        want, out, n = rng.randint(200, 2000), [], 0
+        while n < want:
+            s = rng.choice(sents)
+            out.append(s)
+            n += len(s) + 1
+        return " ".join(out)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k, start in enumerate(range(0, pairs, per_shard)):
+        rows = [{"prompt": rng.choice(prompts), "chosen": response(), "rejected": response()}
+                for _ in range(min(per_shard, pairs - start))]
+        path = folder / f"pairs-{k:05d}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(path)
     return files
 
 
-def plain_loop(data: Path, policy, out: Path, batch: int = 1024) -> Counter:
-    """The baseline: one Python process, same reader, same triage function, same Parquet columns."""
+# ----------------------------------------------------------------------------------- memory
+class Peak:
+    """Peak RSS (MB) of this process and of the Ray worker processes below it, sampled every 0.2 s."""
+
+    def __init__(self):
+        import psutil
+
+        self.me = psutil.Process()
+        self.driver = self.worker_max = self.worker_sum = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self):
+        self.driver = max(self.driver, self.me.memory_info().rss / 2**20)
+        rss = []
+        for p in self.me.children(recursive=True):
+            try:
+                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                    rss.append(p.memory_info().rss / 2**20)
+            except Exception:  # noqa: BLE001 - a process ended between listing and reading
+                pass
+        if rss:
+            self.worker_max = max(self.worker_max, max(rss))
+            self.worker_sum = max(self.worker_sum, sum(rss))
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        return False
+
+    def to_dict(self) -> dict:
+        return {"driver_peak_rss_mb": round(self.driver, 1), "worker_peak_rss_mb": round(self.worker_max, 1),
+                "workers_sum_peak_rss_mb": round(self.worker_sum, 1)}
+
+
+# ----------------------------------------------------------------------------------- cells
+def cell_regex_limit(spec: dict) -> dict:
+    """The policy's patterns alone on one shard's responses in memory (one thread)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from trace_ray.data.readers import iter_records
+    from trace_ray.policy import load_policy
+
+    policy = load_policy(spec["policy"])
+    recs = list(iter_records(spec["shard"], "pairs"))
+    texts = [r[s] for r in recs for s in ("chosen", "rejected")]
+    arr = pa.array(texts, pa.string())
+    rules = [r for r in policy.rules if r.plan.engine == "re2"]
+    pc.match_substring_regex(arr.slice(0, 10), rules[0].plan.translations[0].compact)  # warm up
+    t = time.perf_counter()
+    for r in rules:
+        for tr in r.plan.translations:
+            pc.match_substring_regex(arr, tr.compact)
+    re2_s = time.perf_counter() - t
+    sample = texts[: min(len(texts), 20_000)]
+    t = time.perf_counter()
+    for text in sample:
+        for r in policy.rules:
+            for pat in r._compiled:
+                pat.search(text, timeout=r.timeout_s)
+    py_s = time.perf_counter() - t
+    return {"rows": len(recs), "mb_of_text": round(arr.nbytes / 1e6, 1),
+            "re2_rows_per_s": round(len(recs) / re2_s), "re2_mb_per_s": round(arr.nbytes / 1e6 / re2_s),
+            "regex_module_rows_per_s": round(len(sample) / 2 / py_s),
+            "note": "one thread; RE2 = one pyarrow.compute.match_substring_regex pass per pattern (compact "
+                    "translation) over both responses; regex module = every pattern's search per response, "
+                    "as the row-wise path (on up to 10,000 rows)"}
+
+
+def cell_plain_loop(spec: dict) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from trace_ray.data.readers import iter_records
     from trace_ray.data.schema import TRIAGED
+    from trace_ray.policy import load_policy
     from trace_ray.triage import triage_records
 
-    counts: Counter = Counter()
-    buf: list = []
-    with pq.ParquetWriter(out, TRIAGED) as w:
-        def flush():
-            rows = triage_records(policy, buf)
-            counts.update(r["category"] for r in rows)
-            w.write_table(pa.Table.from_pylist(rows, schema=TRIAGED))
-            buf.clear()
-
-        for rec in iter_records(data, "pairs"):
+    policy = load_policy(spec["policy"])
+    n, buf = 0, []
+    with Peak() as mem, pq.ParquetWriter(spec["out"], TRIAGED) as w:
+        t = time.perf_counter()
+        for rec in iter_records(spec["data"], "pairs"):
             buf.append(rec)
-            if len(buf) >= batch:
-                flush()
+            if len(buf) == 4096 or n + len(buf) == spec["rows"]:
+                w.write_table(pa.Table.from_pylist(triage_records(policy, buf), schema=TRIAGED))
+                n += len(buf)
+                buf = []
+                if n == spec["rows"]:
+                    break
         if buf:
-            flush()
-    return counts
+            w.write_table(pa.Table.from_pylist(triage_records(policy, buf), schema=TRIAGED))
+            n += len(buf)
+        secs = time.perf_counter() - t
+    return {"rows": n, "seconds": round(secs, 2), "rows_per_s": round(n / secs, 1), **mem.to_dict()}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=100_000, help="number of generated pairs (default 100000)")
-    ap.add_argument("--shards", type=int, default=4, help="input files; Ray reads one file per task (default 4)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
-    ap.add_argument("--batch-size", type=int, default=1024, help="rows per map_batches call (default 1024)")
-    ap.add_argument("--policy", default=str(ROOT / "configs/policies/hh_harmless_v2.yaml"),
-                    help="policy YAML (default: the HH text policy: keywords + regex)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/triage.json"), help="result JSON path")
-    args = ap.parse_args()
-
-    import ray
-
-    from trace_ray.policy import load_policy
+def cell_ray(spec: dict) -> dict:
     from trace_ray.ray_utils import ensure_ray
     from trace_ray.triage import run_triage
 
-    policy = load_policy(args.policy)
-    with tempfile.TemporaryDirectory(prefix="trace_bench_") as tmp:
-        tmp = Path(tmp)
-        data = tmp / "data"
-        data.mkdir()
+    ensure_ray(num_cpus=spec["cpus"])
+    run_triage(spec["warmup"], spec["policy"], spec["out"] + "_warmup", "pairs", show_progress=False)
+    with Peak() as mem:
         t = time.perf_counter()
-        generate(data, args.pairs, args.shards)
-        gen_s = time.perf_counter() - t
-        ensure_ray(num_cpus=args.num_cpus)
-        cpus = int(ray.cluster_resources().get("CPU", 0))
+        s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False)
+        secs = time.perf_counter() - t
+    return {"rows": s["total"], "cpus": spec["cpus"], "seconds": round(secs, 2),
+            "rows_per_s": round(s["total"] / secs, 1), "counts": s["counts"], "engines": s["engines"],
+            "part_files": len([f for f in os.listdir(Path(spec["out"]) / "triaged.parquet") if f.endswith(".parquet")]),
+            **mem.to_dict()}
 
-        t = time.perf_counter()
-        loop_counts = plain_loop(data, policy, tmp / "loop.parquet", args.batch_size)
-        loop_s = time.perf_counter() - t
 
-        # cold: the first Ray Data run in this Ray session (workers start, import trace_ray/pyarrow);
-        # warm: the same run again, as on a long-lived cluster
-        times = []
-        for run in ("cold", "warm"):
-            t = time.perf_counter()
-            summary = run_triage(data, policy, tmp / f"ray_{run}", "pairs", batch_size=args.batch_size,
-                                 show_progress=False)
-            times.append(time.perf_counter() - t)
-        ray_cold_s, ray_s = times
+def cell_judge(spec: dict) -> dict:
+    from trace_ray.ray_utils import ensure_ray
+    from trace_ray.triage import run_triage
 
-    assert summary["total"] == args.pairs == sum(loop_counts.values())
-    assert summary["counts"] == {c: loop_counts.get(c, 0) for c in summary["counts"]}, (summary["counts"], loop_counts)
-    result = {
-        "benchmark": "triage: Ray Data pipeline vs plain single-process loop (same rows, same run)",
-        "pairs": args.pairs,
-        "shards": args.shards,
-        "batch_size": args.batch_size,
-        "policy": policy.fingerprint,
-        "ray_cpus": cpus,
+    ensure_ray(num_cpus=2)
+    t = time.perf_counter()
+    s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False, num_actors=1)
+    secs = time.perf_counter() - t
+    return {"rows": s["total"], "seconds": round(secs, 1), "rows_per_s": round(s["total"] / secs, 3),
+            "counts": s["counts"], "note": "1 HFJudge actor (SmolLM2-135M-Instruct, CPU, fp32), 2 generations "
+                                           "per row; model load (~20 s) included"}
+
+
+CELLS = {"regex_limit": cell_regex_limit, "plain_loop": cell_plain_loop, "ray": cell_ray, "judge": cell_judge}
+
+
+def run_cell(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--cell", json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"cell {spec['kind']} failed:\n{res.stderr[-4000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"  {spec['kind']} {json.dumps({k: v for k, v in out.items() if k not in ('engines', 'note')})}", flush=True)
+    return out
+
+
+def subset(folder: Path, files: list[Path], rows: int, per_shard: int, name: str) -> Path:
+    """A folder of links to the first shards holding ``rows`` rows."""
+    sub = folder / name
+    sub.mkdir(exist_ok=True)
+    for f in files[: -(-rows // per_shard)]:
+        link = sub / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    return sub
+
+
+def equality(ray_out: Path, loop_out: Path) -> dict:
+    """Row-for-row comparison of the Ray output folder and the plain loop's file (same order)."""
+    import pyarrow.parquet as pq
+
+    cols = ["id", "meta", "chosen_verdict", "rejected_verdict", "reasons", "category"]
+    a = pq.read_table(ray_out, columns=cols)
+    b = pq.read_table(loop_out, columns=cols)
+    same = a.num_rows == b.num_rows and a.equals(b)
+    return {"rows": a.num_rows, "identical": bool(same), "columns": cols,
+            "note": "the vectorised path (Ray, 2 CPUs) vs the row-wise reference (plain loop), every row"}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cell:
+        spec = json.loads(args.cell)
+        print(json.dumps(CELLS[spec["kind"]](spec)))
+        return 0
+    started, load0 = time.time(), os.getloadavg()
+    work = Path(args.work or tempfile.mkdtemp(prefix="trace_triage_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    policy = str(Path(args.policy).resolve())
+    print(f"generating {args.pairs} pairs in {work} ...", flush=True)
+    t = time.perf_counter()
+    files = generate(work / "data", args.pairs, args.rows_per_shard, args.input, args.data, args.seed)
+    gen_s = time.perf_counter() - t
+    sizes = sorted({min(args.small, args.pairs), args.pairs})
+    folders = {n: subset(work, files, n, args.rows_per_shard, f"rows_{n}") for n in sizes}
+    warm = subset(work, files, 1, args.rows_per_shard, "warmup")
+    result: dict = {
+        "benchmark": "rule triage at scale: Ray Data (vectorised rules, writers on the workers) vs a plain "
+                     "single-process loop (row-wise) vs the bare regex limit, same data, same run",
+        "command": "python benchmarks/triage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "data": {"pairs": args.pairs, "rows_per_shard": args.rows_per_shard, "input": args.input,
+                 "response_chars": "200-2000", "sentences_from": str(args.data), "generate_s": round(gen_s, 1),
+                 "input_mb": round(sum(f.stat().st_size for f in files) / 2**20)},
+        "policy": policy,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "generate_s": round(gen_s, 2),
-        "plain_loop": {"seconds": round(loop_s, 2), "rows_per_s": round(args.pairs / loop_s, 1)},
-        "ray_data": {"seconds": round(ray_s, 2), "rows_per_s": round(args.pairs / ray_s, 1)},
-        "ray_data_cold": {"seconds": round(ray_cold_s, 2), "rows_per_s": round(args.pairs / ray_cold_s, 1)},
-        "ratio_ray_over_loop": round(loop_s / ray_s, 3),
-        "ratio_ray_cold_over_loop": round(loop_s / ray_cold_s, 3),
-        "counts": summary["counts"],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    result["regex_limit"] = run_cell({"kind": "regex_limit", "policy": policy, "shard": str(files[0])})
+    result["ray"] = []
+    for n in sizes:
+        for cpus in args.cpus:
+            result["ray"].append(run_cell({"kind": "ray", "cpus": cpus, "policy": policy, "data": str(folders[n]),
+                                           "warmup": str(warm), "out": str(work / f"out_{n}_{cpus}")}))
+    loop_rows = min(args.loop_rows or args.pairs, args.pairs)
+    result["plain_loop"] = run_cell({"kind": "plain_loop", "policy": policy, "data": str(work / "data"),
+                                     "rows": loop_rows, "out": str(work / "loop.parquet")})
+    big = max(args.cpus)
+    if loop_rows == args.pairs:
+        result["equality"] = equality(work / f"out_{args.pairs}_{big}" / "triaged.parquet", work / "loop.parquet")
+    if args.judge_pairs:
+        jdir = subset(work, generate(work / "judge_data", args.judge_pairs, args.judge_pairs, "jsonl", args.data,
+                                     args.seed + 1), args.judge_pairs, args.judge_pairs, "judge")
+        result["hf_judge"] = run_cell({"kind": "judge", "policy": str(JUDGE_POLICY), "data": str(jdir),
+                                       "out": str(work / "judge_out")})
+    loop = result["plain_loop"]["rows_per_s"]
+    limit = result["regex_limit"]["re2_rows_per_s"]
+    result["ratios"] = {f"ray_{r['rows']}_rows_{r['cpus']}cpu": {
+        "rows_per_s": r["rows_per_s"], "x_plain_loop": round(r["rows_per_s"] / loop, 2),
+        "share_of_re2_limit_per_cpu": round(r["rows_per_s"] / (limit * r["cpus"]), 3)} for r in result["ray"]}
+    by = {(r["rows"], r["cpus"]): r for r in result["ray"]}
+    if len(sizes) == 2:
+        result["driver_memory_vs_rows"] = {
+            f"{c}cpu": {f"{n}_rows_mb": by[(n, c)]["driver_peak_rss_mb"] for n in sizes} for c in args.cpus}
+    result["goals"] = {
+        "rows_per_s_2cpu_ge_50000": any(r["cpus"] == 2 and r["rows"] == args.pairs and r["rows_per_s"] >= 50_000
+                                        for r in result["ray"]),
+        "driver_memory_flat": all(abs(by[(sizes[-1], c)]["driver_peak_rss_mb"] - by[(sizes[0], c)]["driver_peak_rss_mb"])
+                                  < 64 for c in args.cpus) if len(sizes) == 2 else None,
+    }
+    result["loadavg_start"], result["loadavg_end"] = load0, os.getloadavg()
+    result["wall_s"] = round(time.time() - started, 1)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("ratios", "goals", "loadavg_start", "loadavg_end")}, indent=2))
+    if not args.work:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -104,14 +104,16 @@ def test_meta_rules_and_missing_fields():
 
 def test_meta_severity_not_a_number_is_an_error_verdict_not_a_crash():
     """``severity: "high"`` cannot be compared with ``severity_at_least``: the rule is undecided,
-    so the verdict is ``error`` with the reason, and offline triage marks the pair unresolved."""
+    so the verdict is ``error`` with the reason, and offline triage marks the pair unresolved. A
+    null severity is as unknown as a missing one."""
     from trace_ray.triage import triage_records
 
     pol = _policy({"name": "sev", "kind": "meta", "severity_at_least": 2})
-    metas = [{"severity": "high"}, {"severity": True}, {"severity": 3}, {"severity": None}]
-    got = pol.check(["p"] * 4, ["r"] * 4, metas)
-    assert [v.verdict for v in got] == ["error", "error", "non_compliant", "compliant"]
+    metas = [{"severity": "high"}, {"severity": True}, {"severity": 3}, {"severity": None}, {"severity": 1.5}]
+    got = pol.check(["p"] * 5, ["r"] * 5, metas)
+    assert [v.verdict for v in got] == ["error", "error", "non_compliant", "error", "compliant"]
     assert got[0].reasons == ["sev: response metadata 'severity' is 'high', not a number"]
+    assert got[3].reasons == ["sev: response metadata has no 'severity'"]
     # mode any: a definite match by another rule still decides
     both = _policy({"name": "sev", "kind": "meta", "severity_at_least": 2},
                    {"name": "kw", "kind": "keywords", "keywords": ["gun"]})
@@ -121,6 +123,30 @@ def test_meta_severity_not_a_number_is_an_error_verdict_not_a_crash():
     (row,) = triage_records(pol, [{"id": "x", "prompt": "p", "chosen": "a", "rejected": "b", "meta": meta}])
     assert (row["chosen_verdict"], row["rejected_verdict"], row["category"]) == ("error", "compliant", "unresolved")
     assert "not a number" in row["reasons"]
+
+
+def test_mistyped_metadata_is_an_error_verdict_with_its_reason():
+    """Issue 14: a number or a string where the list of categories belongs, ``is_safe: "false"``
+    (which ``bool()`` read as true), and any exception a rule raises, are ``error`` verdicts."""
+    pol = _policy({"name": "cat", "kind": "meta", "harm_category": ["Violence"]},
+                  {"name": "safe", "kind": "meta", "is_safe": False})
+    metas = [{"harm_category": 3, "is_safe": True}, {"harm_category": "Violence", "is_safe": True},
+             {"harm_category": [], "is_safe": "false"}, {"harm_category": [], "is_safe": False},
+             {"harm_category": ["Violence"], "is_safe": True}]
+    got = pol.check(["p"] * 5, ["r"] * 5, metas)
+    assert [v.verdict for v in got] == ["error", "error", "error", "non_compliant", "non_compliant"]
+    assert got[0].reasons == ["cat: response metadata 'harm_category' is 3, not a list of categories"]
+    assert got[2].reasons == ["safe: response metadata 'is_safe' is 'false', not true or false"]
+
+    class Odd(dict):  # a rule that raises something other than RuleUndecided
+        def get(self, *a):
+            raise KeyError("odd")
+
+        def __contains__(self, k):
+            raise TypeError("odd metadata")
+
+    (v,) = _policy({"name": "eq", "kind": "meta", "equals": {"a": 1}}).check(["p"], ["r"], [Odd(a=1)])
+    assert v.verdict == "error" and v.reasons[0].startswith("eq: rule raised KeyError")
 
 
 def test_callable_rule_and_has_callable():

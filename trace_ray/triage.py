@@ -1,28 +1,31 @@
 """Stage 1 — triage (DESIGN §1): judge BOTH responses of every pair with the new policy and file
 the pair as invert / punish / retain, or unresolved (malformed row, oracle error), with reasons.
 
-- ``triage_records(policy, records, judge_answers=None)``: pure Python, the single source of
-  truth for one batch; the Ray Data path and the HTTP server (``/v1/triage``) call it, so online
-  and offline answers are identical.
-- ``run_triage(data, policy, out_dir, ...)``: reader → (LLM judge actors) → rule ``map_batches``
-  → streamed to ``out_dir/triaged.parquet`` (one file, schema ``TRIAGED``) while the driver
-  accumulates ``summary.json``; nothing is collected on the driver beyond one batch at a time.
+Two execution strategies of the same decisions (``trace_ray.policy.vector``):
+
+- ``triage_records(policy, records, judge_answers=None)``: row-wise, plain Python — the reference,
+  and what the HTTP server (``/v1/triage``) runs.
+- ``triage_table(policy, table)``: vectorised over an Arrow batch of canonical records (what
+  ``read_pairs`` yields) — what ``run_triage`` runs in Ray Data; same verdicts, reasons, categories.
+
+``run_triage(data, policy, out_dir, ...)``: reader → (LLM judge actors) → ``triage_table`` in
+``map_batches`` → Ray Data's writer on the workers (``trace_ray.triage_output``):
+``OUT/triaged.parquet/`` (part files + ``_SUCCESS``) and ``OUT/summary.json`` merged from the
+write tasks' own summaries. The driver never holds or writes a row; ``OUT`` may be an
+``s3://`` / ``gs://`` URI. A lost worker (task or judge actor) is retried and its part file
+rewritten, so every input row is in the output exactly once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from trace_ray.data.schema import CATEGORIES, TRIAGED, categorize, row_id
 from trace_ray.policy import Policy, load_policy
-
-EXAMPLES_PER_CATEGORY = 3
 
 
 def _norm(rec: dict) -> tuple[dict, str | None, dict]:
@@ -99,99 +102,110 @@ def triage_records(
     return out
 
 
+VERDICT_NAMES = ("compliant", "non_compliant", "error")
+BLOCK_BYTES = 16 << 20  # Ray Data's target block size during triage (its default, 128 MiB, would merge batches)
+
+
+def triage_table(policy: Policy, table) -> Any:
+    """Triage a ``pyarrow.Table`` of canonical records (``id, prompt, chosen, rejected, meta,
+    _error``, + ``judge_chosen`` / ``judge_rejected`` for judge policies) → a ``TRIAGED`` table.
+
+    Vectorised: row checks and verdict combination are Arrow / numpy operations, each rule runs on
+    its engine (``policy.engines``); only rows with something to say (a hit, an error) are
+    touched in Python. ``meta`` is canonical JSON text as the readers write it (null → ``{}``).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from trace_ray.policy.vector import Side, check_columns, meta_fields, parse_side_meta, side_meta_rows
+
+    n = table.num_rows
+    names = table.column_names
+    col = {k: (table[k].combine_chunks() if k in names else pa.nulls(n, pa.string())) for k in
+           ("id", "prompt", "chosen", "rejected", "meta", "_error")}
+    errors = _row_errors(col, n)
+    active = np.array([e is None for e in errors], dtype=bool)
+    text = {k: col[k].fill_null("") for k in ("prompt", "chosen", "rejected")}
+    meta = col["meta"].fill_null("{}")
+    parsed = parse_side_meta(meta.filter(pa.array(active)), meta_fields(policy)) if active.any() else None
+    codes, reasons = {}, {}
+    for side in ("chosen", "rejected"):
+        side_meta = None
+        if parsed is not None:  # back to the batch's row positions (inactive rows: null)
+            idx = pa.array(np.where(active, np.cumsum(active) - 1, -1)).cast(pa.int64())
+            side_meta = parsed[side].take(pc.if_else(pc.equal(idx, -1), None, idx))
+        answers = table[f"judge_{side}"].to_pylist() if policy.has_judge and f"judge_{side}" in names else None
+        codes[side], reasons[side] = check_columns(policy, Side(
+            text["prompt"], text[side], active, side_meta, side_meta_rows(meta, side), answers))
+    cv, rv = codes["chosen"], codes["rejected"]
+    categories = np.select([~active, cv == 0, (cv == 1) & (rv == 0), (cv == 1) & (rv == 1)],
+                           ["unresolved", "retain", "invert", "punish"], "unresolved")
+    verdicts = np.array(VERDICT_NAMES, dtype=object)
+    out_reasons = []
+    plain = json.dumps({"chosen": [], "rejected": []})
+    for i in range(n):
+        if errors[i] is not None:
+            out_reasons.append(json.dumps({"error": errors[i]}, ensure_ascii=False))
+        elif cv[i] == 0 and rv[i] == 0:
+            out_reasons.append(plain)
+        else:
+            out_reasons.append(json.dumps({"chosen": reasons["chosen"].get(i, []),
+                                           "rejected": reasons["rejected"].get(i, [])}, ensure_ascii=False))
+    ids = col["id"]
+    missing_id = ~np.asarray(pc.fill_null(pc.not_equal(ids, ""), False).to_numpy(zero_copy_only=False), dtype=bool)
+    if missing_id.any():
+        idl = ids.to_pylist()
+        p, c, r = (text[k].to_pylist() for k in ("prompt", "chosen", "rejected"))
+        for i in np.flatnonzero(missing_id).tolist():
+            idl[i] = row_id(p[i], c[i], r[i])
+        ids = pa.array(idl, pa.string())
+    return pa.table({
+        "id": ids, "prompt": text["prompt"], "chosen": text["chosen"], "rejected": text["rejected"], "meta": meta,
+        "chosen_verdict": pa.array(np.where(active, verdicts[cv], "error").tolist(), pa.string()),
+        "rejected_verdict": pa.array(np.where(active, verdicts[rv], "error").tolist(), pa.string()),
+        "reasons": pa.array(out_reasons, pa.string()),
+        "category": pa.array(categories.tolist(), pa.string()),
+        "policy": pa.array([policy.fingerprint] * n, pa.string()),
+    }, schema=TRIAGED)
+
+
+def _row_errors(col: dict, n: int) -> list:
+    """Per row: the reason it is malformed (``_norm``'s checks, in its order) or None."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    errors = col["_error"].to_pylist()
+    errors = [e if isinstance(e, str) and e else None for e in errors]
+    for key in ("prompt", "chosen", "rejected"):
+        nulls = col[key].is_null().to_numpy(zero_copy_only=False)
+        blank = None
+        if key != "prompt":  # only a text without any ASCII graphic character can be blank
+            maybe = pc.invert(pc.match_substring_regex(col[key], "[!-~]")).fill_null(False)
+            blank = maybe.to_numpy(zero_copy_only=False)
+        suspects = nulls | blank if blank is not None else nulls
+        for i in np.flatnonzero(suspects).tolist():
+            if errors[i] is not None:
+                continue
+            if nulls[i]:
+                errors[i] = f"missing field {key!r}"
+            elif blank is not None and blank[i] and not col[key][i].as_py().strip():
+                errors[i] = f"empty response: {key!r}"
+    return errors
+
+
 class TriageBatch:
-    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``."""
+    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``.
+    Passes a ``split`` column through when the input has one (sibling outputs)."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
 
     def __call__(self, batch):
-        import pyarrow as pa
-
-        rows = batch.to_pylist()
-        answers = None
-        if self.policy.has_judge:
-            answers = [(r.get("judge_chosen"), r.get("judge_rejected")) for r in rows]
-        return pa.Table.from_pylist(triage_records(self.policy, rows, answers), schema=TRIAGED)
-
-
-class Summary:
-    """Accumulates ``summary.json`` from output batches on the driver (counts, hits, examples)."""
-
-    def __init__(self, policy: Policy, examples: int = EXAMPLES_PER_CATEGORY):
-        self.policy = policy
-        self.counts: Counter = Counter({c: 0 for c in CATEGORIES})
-        self.verdicts = {"chosen": Counter(), "rejected": Counter()}
-        self.hits = {r.name: {"chosen": 0, "rejected": 0} for r in policy.rules}
-        self.unresolved: Counter = Counter()
-        self.examples: dict[str, list] = {c: [] for c in CATEGORIES}
-        self.k = examples
-
-    def add(self, table) -> None:
-        """One output batch (a ``pyarrow.Table`` with the ``TRIAGED`` columns). Counts are Arrow
-        kernels; only rows with a verdict other than compliant are parsed for rule hits."""
-        import pyarrow.compute as pc
-
-        for key, col in (("category", None), ("chosen", "chosen_verdict"), ("rejected", "rejected_verdict")):
-            for item in pc.value_counts(table[col or key]).to_pylist():
-                (self.counts if col is None else self.verdicts[key])[item["values"]] += item["counts"]
-        plain = pc.and_(pc.equal(table["chosen_verdict"], "compliant"), pc.equal(table["rejected_verdict"], "compliant"))
-        cols = ["id", "prompt", "chosen", "rejected", "chosen_verdict", "rejected_verdict", "reasons", "category"]
-        for row in table.filter(pc.invert(plain)).select(cols).to_pylist():
-            reasons = json.loads(row["reasons"])
-            for side in ("chosen", "rejected"):
-                if row[f"{side}_verdict"] == "non_compliant":
-                    for reason in reasons.get(side, []):
-                        name = reason.split(":", 1)[0]
-                        if name in self.hits:
-                            self.hits[name][side] += 1
-            if row["category"] == "unresolved":
-                self.unresolved[_reason_kind(row, reasons)] += 1
-            self._example(row, reasons)
-        if len(self.examples["retain"]) < self.k:
-            for row in table.filter(plain).slice(0, self.k).select(cols).to_pylist():
-                self._example(row, {})
-
-    def _example(self, row: dict, reasons: dict) -> None:
-        if len(self.examples[row["category"]]) < self.k:
-            ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
-            ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
-            ex["reasons"] = reasons
-            self.examples[row["category"]].append(ex)
-
-    def to_dict(self) -> dict:
-        total = sum(self.counts.values())
-        return {
-            "total": total,
-            "counts": {c: self.counts[c] for c in CATEGORIES},
-            "fractions": {c: round(self.counts[c] / total, 4) if total else 0.0 for c in CATEGORIES},
-            "verdicts": {s: {v: self.verdicts[s][v] for v in ("compliant", "non_compliant", "error")}
-                         for s in ("chosen", "rejected")},
-            "rule_hits": self.hits,
-            "unresolved_reasons": dict(self.unresolved.most_common()),
-            "examples": self.examples,
-            "policy": self.policy.fingerprint,
-        }
-
-
-def _reason_kind(row: dict, reasons: dict) -> str:
-    """A short, countable reason for an unresolved row (no row-specific text)."""
-    if "error" in reasons:
-        msg = reasons["error"].split(": ", 1)[-1]  # drop the file:line location
-        if msg.startswith("line "):
-            msg = msg.split(": ", 1)[-1]
-        return msg.split(" (byte")[0].split(": ")[0].split(" at column")[0]
-    for side in ("chosen", "rejected"):
-        if row[f"{side}_verdict"] == "error" and reasons.get(side):
-            r = reasons[side][0]
-            if "neither yes nor no" in r:  # drop the answer text, which differs per row
-                r = r.split(" nor no")[0] + " nor no"
-            return f"{side}: {r[:100]}"
-    return "unknown"
-
-
-def _short(text: str, n: int = 200) -> str:
-    return text if len(text) <= n else text[:n] + "…"
+        out = triage_table(self.policy, batch)
+        if "split" in batch.column_names:
+            out = out.append_column("split", batch["split"])
+        return out
 
 
 def run_triage(
@@ -201,24 +215,30 @@ def run_triage(
     format: str = "auto",
     *,
     pku_chosen: str = "better",
-    batch_size: int = 1024,
+    batch_size: int = 4096,
     num_actors: int | None = None,
     show_progress: bool = True,
     address: str | None = None,
+    max_retries: int | None = None,
 ) -> dict:
-    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet`` and
-    ``out_dir/summary.json``; return the summary (``{"total", "counts": {...}, ...}``).
+    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet/`` (part files
+    + ``_SUCCESS``) and ``out_dir/summary.json``; return the summary (``{"total", "counts": {...},
+    ...}``). ``out_dir`` may be a local folder or an ``s3://`` / ``gs://`` URI.
 
     The policy and the input are validated before Ray starts (``PolicyError`` /
     ``FileNotFoundError`` / ``ValueError``). ``num_actors`` sizes the judge actor pool (default:
-    the judge rule's ``concurrency``); rules run as plain tasks (stateless, vectorised per batch).
+    the judge rule's concurrency); rules run as plain tasks fused with the read, on one read block
+    (``batch_size`` rows) at a time; each block is then written by its own write task.
+    A task whose worker dies is retried, a judge actor that dies is restarted and its batch
+    retried — without limit by default (Ray Data's own defaults), ``max_retries`` times when
+    given — and its part file rewritten: every row lands exactly once.
     """
-    import pyarrow.parquet as pq
     import ray.data
-    from tqdm.auto import tqdm
 
+    from trace_ray import storage
     from trace_ray.data.readers import detect_format, list_files, read_pairs
     from trace_ray.ray_utils import ensure_ray
+    from trace_ray.triage_output import write_triaged
 
     policy = load_policy(policy)
     list_files(data)
@@ -227,52 +247,48 @@ def run_triage(
 
         check_judge_model(policy.judge_rule)
     fmt = detect_format(data) if format == "auto" else format
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if max_retries is not None and max_retries < 0:
+        raise ValueError("max_retries must be >= 0")
+    out = str(out_dir)
     ensure_ray(address)
 
-    ds = read_pairs(data, fmt, pku_chosen=pku_chosen)
+    # the same remote args on read and rules, so that Ray fuses them into one task per file; rules
+    # see one read block (`batch_size` rows) at a time
+    retries = {} if max_retries is None else {"max_retries": max_retries}
+    ds = read_pairs(data, fmt, pku_chosen=pku_chosen, rows_per_block=batch_size, ray_remote_args=retries)
     if policy.has_judge:
         from trace_ray.policy.judge import add_judge_answers
 
-        ds = add_judge_answers(ds, policy, num_actors=num_actors)
-    # rules are stateless and cheap to rebuild: plain tasks (fused with the read), no actor pool
-    ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=batch_size)
+        ds = add_judge_answers(ds, policy, num_actors=num_actors, max_retries=max_retries)
+    ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=None, **retries)
 
     ctx = ray.data.DataContext.get_current()
-    old_bars = ctx.enable_progress_bars
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size)
     data_log = logging.getLogger("ray.data")
     old_level = data_log.level
-    # one bar (ours, rows/s), not one per operator, and no per-operator progress log lines
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = show_progress
+    ctx.execution_options.preserve_order = True  # part files numbered in input order
+    ctx.target_max_block_size = BLOCK_BYTES  # blocks stay near one batch: bounded write-task memory
     data_log.setLevel(logging.WARNING)
-    summary = Summary(policy)
-    tmp = out_dir / ".triaged.parquet.tmp"
     t0 = time.perf_counter()
     try:
-        with pq.ParquetWriter(tmp, TRIAGED) as writer, tqdm(
-            desc=f"triage {Path(data).name}", unit="rows", disable=not show_progress, smoothing=0.1
-        ) as bar:
-            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                table = table.select(TRIAGED.names).cast(TRIAGED)
-                writer.write_table(table)
-                summary.add(table)
-                bar.update(table.num_rows)
+        parts = write_triaged(ds, out, [r.name for r in policy.rules], ray_remote_args=retries)
     finally:
-        ctx.enable_progress_bars = old_bars
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
         data_log.setLevel(old_level)
     elapsed = time.perf_counter() - t0
-    os.replace(tmp, out_dir / "triaged.parquet")
-    result = summary.to_dict()
+    result = parts["all"].to_dict()
     result.update({
+        "policy": policy.fingerprint,
+        "engines": policy.engines,
         "data": str(data),
         "format": fmt,
         "pku_chosen": pku_chosen if fmt == "pku" else None,
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(result["total"] / elapsed, 1) if elapsed > 0 else None,
-        "outputs": {"triaged": str(out_dir / "triaged.parquet"), "summary": str(out_dir / "summary.json")},
+        "outputs": {"triaged": storage.join(out, "triaged.parquet"), "summary": storage.join(out, "summary.json")},
     })
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(result, indent=2, ensure_ascii=False))
     return result
 
 
@@ -288,6 +304,8 @@ def format_summary(s: dict) -> str:
     lines.append("  rule hits (chosen / rejected):")
     for name, h in s["rule_hits"].items():
         lines.append(f"    {name:<28}{h['chosen']:>7} / {h['rejected']}")
+    if s.get("engines"):
+        lines.append("  engines: " + ", ".join(f"{k} {v['engine']}" for k, v in s["engines"].items()))
     if s["unresolved_reasons"]:
         lines.append("  unresolved because:")
         for why, k in list(s["unresolved_reasons"].items())[:6]:

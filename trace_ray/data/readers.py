@@ -307,6 +307,22 @@ def _record(prompt, chosen, rejected, meta, rid=None, error=None) -> dict:
     }
 
 
+def plain_pairs_record(obj) -> tuple | None:
+    """The fast case of the ``pairs`` format, as a tuple in ``READ_SCHEMA`` order: exactly the
+    keys prompt / chosen / rejected (+ a non-empty string ``id``), all strings, both responses
+    non-blank. None for anything else (then ``to_record`` decides). Equal to ``to_record`` on the
+    rows it accepts (``tests/test_readers.py`` checks it)."""
+    if type(obj) is not dict or not 3 <= len(obj) <= 4:
+        return None
+    p, c, r = obj.get("prompt"), obj.get("chosen"), obj.get("rejected")
+    if type(p) is not str or type(c) is not str or type(r) is not str or not c or not r or c.isspace() or r.isspace():
+        return None
+    rid = obj.get("id")
+    if len(obj) == 4 and (type(rid) is not str or not rid):
+        return None
+    return (rid or row_id(p, c, r), p, c, r, "{}", None)
+
+
 def to_record(obj: dict | None, fmt: str, loc: str, error: str | None = None, pku_chosen: str = "better") -> dict:
     """One raw row → a canonical record; a bad row → a record with ``_error`` (never raises)."""
     if error is None:
@@ -359,25 +375,39 @@ def _datasource_cls():
             self._fmt, self._pku_chosen, self._rows = fmt, pku_chosen, rows_per_block
 
         def _read_stream(self, f, path: str):
-            buf = []
+            names = READ_SCHEMA.names
+            cols: list[list] = [[] for _ in names]
+            plain = self._fmt == "pairs"
             for loc, obj, err in iter_objects(f, path):
-                buf.append(to_record(obj, self._fmt, loc, err, self._pku_chosen))
-                if len(buf) >= self._rows:
-                    yield pa.Table.from_pylist(buf, schema=READ_SCHEMA)
-                    buf = []
-            if buf:
-                yield pa.Table.from_pylist(buf, schema=READ_SCHEMA)
+                rec = plain_pairs_record(obj) if plain and err is None else None
+                if rec is None:
+                    d = to_record(obj, self._fmt, loc, err, self._pku_chosen)
+                    rec = tuple(d[k] for k in names)
+                for col, v in zip(cols, rec):
+                    col.append(v)
+                if len(cols[0]) >= self._rows:
+                    yield pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=READ_SCHEMA)
+                    cols = [[] for _ in names]
+            if cols[0]:
+                yield pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=READ_SCHEMA)
 
     return PairsDatasource
 
 
-def read_pairs(path: str | Path, format: str = "auto", pku_chosen: str = "better", rows_per_block: int = 4096):
+def read_pairs(path: str | Path, format: str = "auto", pku_chosen: str = "better", rows_per_block: int = 4096,
+               ray_remote_args: dict | None = None):
     """A ``ray.data.Dataset`` of canonical records (columns of ``READ_SCHEMA``: the canonical ones
-    plus ``_error``, null for good rows). Streams: nothing is collected on the driver."""
+    plus ``_error``, null for good rows). Streams: nothing is collected on the driver.
+
+    Several files: one read task per file, never split, so the operators after it fuse into that
+    task (the rows of a file never travel through the object store). One file: Ray splits its
+    output into blocks so that later operators still run in parallel. ``ray_remote_args`` go to
+    the read tasks (e.g. ``max_retries``)."""
     import ray.data
 
     _check_args(format, pku_chosen)
     fmt = detect_format(path) if format == "auto" else format
     files = list_files(path)
     source = _datasource_cls()(files, fmt=fmt, pku_chosen=pku_chosen, rows_per_block=rows_per_block)
-    return ray.data.read_datasource(source)
+    return ray.data.read_datasource(source, override_num_blocks=len(files) if len(files) > 1 else None,
+                                    **({"ray_remote_args": ray_remote_args} if ray_remote_args else {}))

@@ -139,9 +139,11 @@ def check_judge_model(rule) -> None:
                           "use backend: hf on CPU")
 
 
-def add_judge_answers(ds, policy, num_actors: int | None = None):
+def add_judge_answers(ds, policy, num_actors: int | None = None, max_retries: int | None = None):
     """Add ``judge_chosen`` / ``judge_rejected`` to a dataset of canonical rows with the policy's
-    judge rule: ``hf`` → an ``HFJudge`` actor pool; ``vllm`` → ``vllm_judge``."""
+    judge rule: ``hf`` → an ``HFJudge`` actor pool; ``vllm`` → ``vllm_judge``. An ``hf`` actor that
+    dies is restarted and its batch retried (Ray Data's default: without limit; ``max_retries``
+    times when given)."""
     import ray.data
 
     rule = policy.judge_rule
@@ -151,7 +153,8 @@ def add_judge_answers(ds, policy, num_actors: int | None = None):
     num_gpus = (rule.engine_kwargs or {}).get("num_gpus", 0)
     return ds.map_batches(HFJudge, fn_constructor_args=(rule,), batch_size=rule.batch_size,
                           batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
-                          num_gpus=num_gpus)
+                          num_gpus=num_gpus, **({} if max_retries is None else
+                                                {"max_restarts": max_retries, "max_task_retries": max_retries}))
 
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected", "meta", "_error")

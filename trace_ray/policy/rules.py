@@ -53,6 +53,7 @@ class Rule:
     target: str = "response"
     description: str = ""
     line: int | None = None  # line in the policy file, for messages
+    plan: Any = field(default=None, repr=False, compare=False)  # vectorised engine (policy.vector.plan_rule)
 
     def text(self, prompt: str, response: str) -> str:
         return prompt if self.target == "prompt" else response
@@ -124,9 +125,12 @@ class MetaRule(Rule):
     """A predicate on the response's own metadata; ALL given conditions must hold to match.
 
     Metadata layout (what the PKU reader writes per response): ``harm_category`` = list of the
-    flagged category names, ``severity`` = int 0-3, ``is_safe`` = bool. ``equals`` compares any
-    other field. A field the rule needs but the metadata lacks, or a ``severity`` that is not a
-    number (e.g. ``"high"``), → undecided (``error``).
+    flagged category names, ``severity`` = a number (PKU: 0-3), ``is_safe`` = true/false.
+    ``equals`` compares any other field. Conditions are checked in that order and the first one
+    that fails decides (no match). A field the rule reaches that is missing or null, or has the
+    wrong type (a number or a string where the list of categories belongs, a severity that is not
+    a number, an ``is_safe`` that is not a JSON boolean such as ``"false"``), makes the rule
+    undecided (``error`` verdict, with the reason).
     """
 
     harm_category: list[str] | None = None
@@ -135,27 +139,32 @@ class MetaRule(Rule):
     equals: dict[str, Any] = field(default_factory=dict)
 
     def _get(self, meta: dict, key: str):
-        if not isinstance(meta, dict) or key not in meta:
+        if not isinstance(meta, dict) or meta.get(key) is None:
             raise RuleUndecided(f"response metadata has no {key!r}")
         return meta[key]
 
     def evaluate(self, prompt, response, meta):
         details = []
         if self.harm_category is not None:
-            flagged = self._get(meta, "harm_category") or []
+            flagged = self._get(meta, "harm_category")
+            if not isinstance(flagged, list):
+                raise RuleUndecided(f"response metadata 'harm_category' is {flagged!r}, not a list of categories")
             hit = [c for c in self.harm_category if c in flagged]
             if not hit:
                 return False, ""
             details.append("harm_category " + ", ".join(hit))
         if self.severity_at_least is not None:
             sev = self._get(meta, "severity")
-            if sev is not None and (isinstance(sev, bool) or not isinstance(sev, (int, float))):
+            if isinstance(sev, bool) or not isinstance(sev, (int, float)) or sev != sev:  # sev != sev: NaN
                 raise RuleUndecided(f"response metadata 'severity' is {sev!r}, not a number")
-            if sev is None or sev < self.severity_at_least:
+            if sev < self.severity_at_least:
                 return False, ""
             details.append(f"severity {sev} >= {self.severity_at_least}")
         if self.is_safe is not None:
-            if bool(self._get(meta, "is_safe")) != self.is_safe:
+            safe = self._get(meta, "is_safe")
+            if not isinstance(safe, bool):
+                raise RuleUndecided(f"response metadata 'is_safe' is {safe!r}, not true or false")
+            if safe != self.is_safe:
                 return False, ""
             details.append(f"is_safe={self.is_safe}")
         for key, want in self.equals.items():
@@ -246,6 +255,23 @@ class JudgeRule(Rule):
         if got == "error":
             raise RuleUndecided(f"judge answer is neither yes nor no: {answer.strip()[:40]!r}")
         return got == "non_compliant", f"judge said {answer.strip()[:20]!r}"
+
+
+def decide(rule: Rule, prompt: str, response: str, meta: dict, answer: str | None = None) -> tuple[str, str]:
+    """One rule on one response, row-wise: ``("hit", detail)``, ``("miss", "")`` or
+    ``("undecided", why)``. Any exception the rule raises (not only ``RuleUndecided``: a
+    ``TypeError`` on odd metadata, a bug in a callable) is an undecided rule for this response,
+    never a failed job."""
+    try:
+        if isinstance(rule, JudgeRule):
+            matched, detail = rule.evaluate(prompt, response, meta, answer)
+        else:
+            matched, detail = rule.evaluate(prompt, response, meta)
+    except RuleUndecided as e:
+        return "undecided", str(e)
+    except Exception as e:  # noqa: BLE001 - one bad response must not stop a job
+        return "undecided", f"rule raised {type(e).__name__}: {e}"
+    return ("hit", detail) if matched else ("miss", "")
 
 
 RULE_KINDS: dict[str, type[Rule]] = {

@@ -35,7 +35,7 @@ from trace_ray.policy.rules import (
     RULE_KINDS,
     JudgeRule,
     Rule,
-    RuleUndecided,
+    decide,
 )
 
 VERDICTS = ("compliant", "non_compliant", "error")
@@ -50,6 +50,7 @@ KIND_KEYS = {
               "batch_size", "concurrency", "max_prompt_chars", "engine_kwargs"},
 }
 NAME_RE = regex.compile(r"^[A-Za-z0-9_.\-]+$")
+_BUILT: dict[str, "Policy"] = {}
 
 
 class PolicyError(ValueError):
@@ -91,6 +92,11 @@ class Policy:
         return any(r.kind == "callable" for r in self.rules)
 
     @property
+    def engines(self) -> dict[str, dict]:
+        """Per rule: the engine the vectorised path runs it on (``trace_ray.policy.vector``)."""
+        return {r.name: r.plan.to_dict() for r in self.rules}
+
+    @property
     def judge_rule(self) -> JudgeRule | None:
         return next((r for r in self.rules if isinstance(r, JudgeRule)), None)
 
@@ -127,24 +133,24 @@ class Policy:
         return out
 
     def _check_one(self, prompt, response, meta, answer) -> Verdict:
-        hits, misses, undecided = [], [], []
-        for rule in self.rules:
-            try:
-                if isinstance(rule, JudgeRule):
-                    matched, detail = rule.evaluate(prompt, response, meta, answer)
-                else:
-                    matched, detail = rule.evaluate(prompt, response, meta)
-            except RuleUndecided as e:
-                undecided.append(f"{rule.name}: {e}")
-                continue
-            (hits if matched else misses).append(f"{rule.name}: {detail}" if detail else rule.name)
-        if self.mode == "any":
-            if hits:
-                return Verdict("non_compliant", hits)
-            return Verdict("error", undecided) if undecided else Verdict("compliant", [])
-        if misses:
-            return Verdict("compliant", [])
-        return Verdict("error", undecided) if undecided else Verdict("non_compliant", hits)
+        results = [decide(rule, prompt, response, meta, answer) for rule in self.rules]
+        return combine(self.mode, [r.name for r in self.rules], results)
+
+
+def combine(mode: str, names: Sequence[str], results: Sequence[tuple[str, str]]) -> Verdict:
+    """Rule results of one response (``decide``'s ``(state, text)`` per rule, in rule order) → its
+    verdict. ``any``: non_compliant if a rule hit (reasons: the hits); else error if one was
+    undecided; else compliant. ``all``: compliant if a rule missed; else error if one was
+    undecided; else non_compliant."""
+    hits = [f"{n}: {t}" if t else n for n, (s, t) in zip(names, results) if s == "hit"]
+    undecided = [f"{n}: {t}" for n, (s, t) in zip(names, results) if s == "undecided"]
+    if mode == "any":
+        if hits:
+            return Verdict("non_compliant", hits)
+        return Verdict("error", undecided) if undecided else Verdict("compliant", [])
+    if any(s == "miss" for s, _ in results):
+        return Verdict("compliant", [])
+    return Verdict("error", undecided) if undecided else Verdict("non_compliant", hits)
 
 
 def load_policy(path_or_dict: str | Path | dict | Policy) -> Policy:
@@ -152,7 +158,12 @@ def load_policy(path_or_dict: str | Path | dict | Policy) -> Policy:
     if isinstance(path_or_dict, Policy):
         return path_or_dict
     if isinstance(path_or_dict, dict):
-        return _build(path_or_dict, "policy", {})
+        key = json.dumps(path_or_dict, sort_keys=True, default=str)
+        if key not in _BUILT:  # a policy unpickles on every Ray task: build it once per process
+            if len(_BUILT) >= 32:
+                _BUILT.clear()
+            _BUILT[key] = _build(path_or_dict, "policy", {})
+        return _BUILT[key]
     path = Path(path_or_dict)
     if not path.is_file():
         raise PolicyError(f"policy file {path} does not exist")
@@ -222,6 +233,10 @@ def _build(data: dict, where: str, lines: dict) -> Policy:
         rules.append(rule)
     if sum(r.kind == "judge" for r in rules) > 1:
         raise fail("at most one judge rule per policy (put all criteria in its description)", "rules")
+    from trace_ray.policy.vector import plan_rule
+
+    for rule in rules:  # the vectorised engine of each rule is decided here, once
+        rule.plan = plan_rule(rule)
     return Policy(name, version, description, mode, rules, _plain(data))
 
 

@@ -1,0 +1,376 @@
+"""The vectorised execution of a policy: a whole Arrow column of responses per call.
+
+There is one way to decide a rule (``rules.decide``: the ``regex`` module, the metadata
+predicates, the callable, the judge answer) and two ways to execute it:
+
+- **row-wise** — ``Policy.check`` / ``trace_ray.triage.triage_records``: ``decide`` per response.
+  The reference; the HTTP server's ``/v1/triage`` uses it.
+- **vectorised** — :func:`check_columns` (what ``run_triage`` runs on Ray Data): each rule over
+  the whole batch on the engine chosen when the policy loads (:func:`plan_rule`, reported in
+  ``summary.json["engines"]``), falling back to ``decide`` for exactly the rows the engine cannot
+  settle:
+
+  ========  =======================================================================================
+  ``re2``   regex / keywords rules whose patterns translate (``trace_ray.policy.re2``): Arrow's
+            RE2 kernel (``pyarrow.compute.extract_regex``) finds the match and its text in linear
+            time. Rows with a non-ASCII word character (``\\b`` rules) or an RE2 hit of a relaxed
+            pattern (``superset``) are decided row-wise.
+  ``regex`` regex / keywords rules RE2 cannot take (back-references, ``(a|aa)+``-style shapes ...):
+            ``decide`` per row, with the ``regex`` module's time bound.
+  ``arrow`` meta rules: the batch's ``meta`` JSON is parsed by Arrow into typed columns and the
+            conditions run as Arrow kernels; rows where a field the rule reaches is missing,
+            null or NaN, ``equals`` conditions, and whole batches with a mistyped field (Arrow's
+            parser refuses them) are decided row-wise, which gives those their ``error`` reason.
+  ``python`` callable and judge rules: ``decide`` per row.
+  ========  =======================================================================================
+
+Verdicts and reasons equal the row-wise path's on every row (``tests/test_vector.py`` checks it
+on the real HH-RLHF and PKU-SafeRLHF files and on generated edge cases). One deliberate exception:
+on a response where the ``regex`` module would have hit its time bound WITHOUT a match (an
+``error`` row-wise), an ``re2`` rule decides "no match" — RE2 cannot run away. Patterns of the
+shapes that make a backtracking engine explode stay on ``regex``, so the two paths agree there too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from trace_ray.policy.rules import JudgeRule, KeywordsRule, MetaRule, RegexRule, Rule, decide
+
+HIT, MISS, UNDECIDED = 1, 0, 2
+NAW_FRACTION = 0.05  # above this share of rows with non-ASCII word characters: unicode patterns
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (at policy load)
+
+
+@dataclass
+class Plan:
+    """How a rule runs vectorised. ``engine``: re2 | regex | arrow | python; ``note``: why."""
+
+    engine: str
+    note: str = ""
+    translations: list = field(default_factory=list)  # re2.Translation per pattern (engine re2)
+
+    @property
+    def boundary(self) -> bool:
+        return any(t.boundary for t in self.translations)
+
+    @property
+    def superset(self) -> bool:
+        return any(t.superset for t in self.translations)
+
+    def to_dict(self) -> dict:
+        d = {"engine": self.engine}
+        if self.engine == "re2":
+            d["exactness"] = "superset" if self.superset else "ascii_words" if self.boundary else "exact"
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def plan_rule(rule: Rule) -> Plan:
+    """Choose the engine of one rule (called when the policy loads)."""
+    if isinstance(rule, RegexRule):  # KeywordsRule too: its compiled pattern is translated alike
+        from trace_ray.policy.re2 import Untranslatable, re2_compiles, translate
+
+        out = []
+        for compiled in rule._compiled:
+            try:
+                tr = translate(compiled.pattern, compiled.flags)
+            except Untranslatable as e:
+                return Plan("regex", f"pattern {compiled.pattern[:60]!r}: {e}")
+            err = re2_compiles(tr.unicode) or re2_compiles(tr.compact)
+            if err:
+                return Plan("regex", f"pattern {compiled.pattern[:60]!r}: RE2 cannot compile its translation ({err})")
+            out.append(tr)
+        return Plan("re2", "", out)
+    if isinstance(rule, MetaRule):
+        return Plan("arrow", "equals conditions row-wise" if rule.equals else "")
+    if isinstance(rule, JudgeRule):
+        return Plan("python", "judge answers parsed per row")
+    return Plan("python")
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+
+
+class Side:
+    """One side (chosen or rejected) of a batch: the columns the rules read.
+
+    ``prompts`` / ``responses``: ``pyarrow`` string arrays (no nulls). ``active``: bool mask of the
+    rows to judge. ``meta``: a struct array of the side's typed metadata fields
+    (:func:`parse_side_meta`) or None (meta rules then run row-wise); ``meta_row(i)``: row i's
+    metadata dict for the row-wise fallback. ``answers``: judge answers (a list) or None.
+    """
+
+    def __init__(self, prompts, responses, active: np.ndarray, meta=None,
+                 meta_row: Callable[[int], dict] | None = None, answers: Sequence | None = None):
+        self.prompts, self.responses, self.active = prompts, responses, active
+        self.meta, self._meta_row, self.answers = meta, meta_row, answers
+        self._py: dict[str, list] = {}
+
+    def text(self, target: str, i: int) -> str:
+        col = "prompts" if target == "prompt" else "responses"
+        if col in self._py:
+            return self._py[col][i]
+        return getattr(self, col)[i].as_py()
+
+    def meta_row(self, i: int) -> dict:
+        return self._meta_row(i) if self._meta_row is not None else {}
+
+    def rowwise(self, rule: Rule, rows, state: np.ndarray, info: dict) -> None:
+        """``decide`` on the given rows (the reference logic), into ``state`` / ``info``."""
+        if len(rows) > len(state) // 8:  # many rows: convert the columns to Python once
+            for col in ("prompts", "responses"):
+                self._py.setdefault(col, getattr(self, col).to_pylist())
+        for i in rows:
+            i = int(i)
+            answer = self.answers[i] if self.answers is not None else None
+            s, text = decide(rule, self.text("prompt", i), self.text("response", i), self.meta_row(i), answer)
+            state[i] = HIT if s == "hit" else UNDECIDED if s == "undecided" else MISS
+            if s != "miss":
+                info[i] = text
+
+
+def check_columns(policy, side: Side) -> tuple[np.ndarray, dict[int, list[str]]]:
+    """Verdict codes ``[N]`` (0 compliant, 1 non_compliant, 2 error; inactive rows 0) and the
+    reasons of every non-compliant / error row, for one side of a batch (``Policy._check_one``'s
+    combination, vectorised)."""
+    n = len(side.active)
+    states, infos = [], []
+    scans = _prefilter(policy, side)
+    for rule in policy.rules:
+        state = np.zeros(n, dtype=np.int8)
+        info: dict[int, str] = {}
+        if rule.plan.engine == "re2":
+            _re2(rule, scans[rule.target], side, state, info)
+        elif rule.plan.engine == "arrow":
+            _meta(rule, side, state, info)
+        else:
+            side.rowwise(rule, np.flatnonzero(side.active), state, info)
+        state[~side.active] = MISS
+        states.append(state)
+        infos.append(info)
+    st = np.stack(states) if states else np.zeros((0, n), dtype=np.int8)
+    hit, und = (st == HIT).any(0), (st == UNDECIDED).any(0)
+    if policy.mode == "any":
+        nc = hit
+        err = ~nc & und
+    else:
+        comp = (st == MISS).any(0)
+        err = ~comp & und
+        nc = ~comp & ~err
+    codes = np.where(nc, 1, np.where(err, 2, 0)).astype(np.int8)
+    codes[~side.active] = 0
+    reasons: dict[int, list[str]] = {}
+    names = [r.name for r in policy.rules]
+    for i in np.flatnonzero(codes).tolist():
+        want = HIT if codes[i] == 1 else UNDECIDED
+        reasons[i] = [f"{names[k]}: {infos[k][i]}" if infos[k].get(i) else names[k]
+                      for k in range(len(names)) if st[k, i] == want]
+    return codes, reasons
+
+
+@dataclass
+class _Scan:
+    """Per side and target text: ``naw`` rows holding a non-ASCII word character; ``compact``:
+    whether the compact patterns are used (then the ``naw`` rows are decided row-wise); ``rows``:
+    the rows the prefilter (all RE2 rules' patterns, loose) matched — the only rows scanned again —
+    and ``sub`` their texts."""
+
+    naw: np.ndarray
+    compact: bool
+    rows: np.ndarray
+    sub: Any
+
+
+def _prefilter(policy, side: Side) -> dict[str, _Scan]:
+    """One RE2 pass over every text: the union of all RE2 rules' loose patterns and of the
+    non-ASCII word characters. Rows it does not match cannot hit any RE2 rule."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from trace_ray.policy.re2 import non_ascii_word_class
+
+    out = {}
+    for target in {r.target for r in policy.rules if r.plan.engine == "re2"}:
+        texts = side.prompts if target == "prompt" else side.responses
+        trs = [t for r in policy.rules if r.plan.engine == "re2" and r.target == target for t in r.plan.translations]
+        naw_class = non_ascii_word_class()
+        either = _mask(pc.match_substring_regex(texts, "|".join([naw_class] + [t.loose_compact for t in trs])))
+        either &= side.active
+        rows = np.flatnonzero(either)
+        naw = np.zeros(len(either), dtype=bool)
+        if rows.size:
+            naw[rows] = _mask(pc.match_substring_regex(texts.take(pa.array(rows)), naw_class))
+        compact = bool(naw.sum() <= NAW_FRACTION * max(1, side.active.sum()))
+        if compact:  # a row of `either` without such characters matched a loose pattern
+            cand = either & ~naw
+        else:  # many non-ASCII words (another language): exact unicode classes everywhere
+            cand = _mask(pc.match_substring_regex(texts, "|".join(t.loose_unicode for t in trs))) & side.active
+        rows = np.flatnonzero(cand)
+        out[target] = _Scan(naw, compact, rows, texts.take(pa.array(rows)) if rows.size else None)
+    return out
+
+
+def _re2(rule: RegexRule, scan: _Scan, side: Side, state: np.ndarray, info: dict) -> None:
+    """Each pattern's match on the candidate rows (the first pattern that matches decides, as
+    row-wise); rows RE2 cannot settle exactly go to ``decide``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    plan = rule.plan
+    word = "keyword" if isinstance(rule, KeywordsRule) else "matched"
+    if scan.compact:  # compact classes are exact only without non-ASCII word characters
+        todo = scan.naw.copy()
+    elif plan.boundary:  # unicode classes: only RE2's ASCII \b can differ, on a candidate row
+        todo = np.zeros(len(state), dtype=bool)
+        todo[scan.rows] = scan.naw[scan.rows]
+    else:
+        todo = np.zeros(len(state), dtype=bool)
+    if scan.rows.size:
+        open_ = ~todo[scan.rows]
+        for tr in plan.translations:
+            found = pc.extract_regex(scan.sub, tr.compact if scan.compact else tr.unicode)  # null: no match
+            hit = _mask(pc.is_valid(found)) & open_
+            open_ &= ~hit
+            if plan.superset:  # relaxed somewhere: RE2's hit is only a candidate
+                todo[scan.rows[hit]] = True
+                continue
+            k = np.flatnonzero(hit)
+            for i, m in zip(scan.rows[k].tolist(), found.field("m").take(pa.array(k)).to_pylist()):
+                state[i] = HIT
+                info[i] = f"{word} {m[:60]!r}"
+    side.rowwise(rule, np.flatnonzero(todo), state, info)
+
+
+def _mask(arr) -> np.ndarray:
+    return np.asarray(arr.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _meta(rule: MetaRule, side: Side, state: np.ndarray, info: dict) -> None:
+    """Conditions in the row-wise order; a row goes row-wise as soon as a condition it reaches
+    cannot be settled from the typed columns (null/missing field, NaN, ``equals``)."""
+    import pyarrow.compute as pc
+
+    active = side.active
+    if side.meta is None:
+        side.rowwise(rule, np.flatnonzero(active), state, info)
+        return
+    open_ = active.copy()  # every condition so far holds
+    rowwise = np.zeros(len(state), dtype=bool)
+    conds = []
+    if rule.harm_category is not None:
+        conds.append(("harm_category", lambda col: _any_in(col, rule.harm_category)))
+    if rule.severity_at_least is not None:
+        conds.append(("severity", lambda col: pc.greater_equal(col, float(rule.severity_at_least))))
+    if rule.is_safe is not None:
+        conds.append(("is_safe", lambda col: pc.equal(col, rule.is_safe)))
+    for name, test in conds:
+        col = side.meta.field(name)
+        unknown = ~_mask(pc.is_valid(col))
+        if name == "severity":
+            unknown |= _mask(pc.is_nan(col))
+        rowwise |= open_ & unknown
+        open_ &= ~unknown
+        open_ &= _mask(test(col))
+    if rule.equals:
+        rowwise |= open_
+        open_[:] = False
+    hits = np.flatnonzero(open_)
+    state[hits] = HIT
+    rowwise_rows = np.flatnonzero(rowwise | open_)  # details of hits come from the reference logic
+    side.rowwise(rule, rowwise_rows, state, info)
+
+
+def _any_in(lists, wanted: list[str]):
+    """Per row: does the list hold any of ``wanted``? (a BooleanArray)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(lists)
+    parents = pc.list_parent_indices(lists)
+    hit = pc.is_in(flat, value_set=pa.array(wanted, pa.string())).to_numpy(zero_copy_only=False)
+    out = np.zeros(len(lists), dtype=bool)
+    np.logical_or.at(out, parents.to_numpy()[hit], True)
+    return pa.array(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata columns
+
+
+def meta_fields(policy) -> dict[str, Any]:
+    """The typed fields the policy's meta rules read (Arrow types), or {} when it has none."""
+    import pyarrow as pa
+
+    want: dict[str, Any] = {}
+    for r in policy.rules:
+        if isinstance(r, MetaRule):
+            if r.harm_category is not None:
+                want["harm_category"] = pa.list_(pa.string())
+            if r.severity_at_least is not None:
+                want["severity"] = pa.float64()
+            if r.is_safe is not None:
+                want["is_safe"] = pa.bool_()
+    return want
+
+
+def parse_side_meta(meta_json, fields: dict[str, Any]):
+    """The ``meta`` column (JSON text, one object per row) → ``{"chosen": struct, "rejected":
+    struct}`` of the typed fields, or None when Arrow's parser refuses the batch (a mistyped value,
+    a row that is not an object): the caller then decides its meta rules row-wise."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    if not fields or len(meta_json) == 0:
+        return None
+    side_t = pa.struct(list(fields.items()))
+    schema = pa.schema([("chosen", side_t), ("rejected", side_t)])
+    text = "\n".join(meta_json.to_pylist()).encode("utf-8")
+    try:
+        table = pj.read_json(io.BytesIO(text), read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, len(text) + 1)),
+                             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows != len(meta_json):
+        return None
+    out = {}
+    for s in ("chosen", "rejected"):
+        col = table.column(s).combine_chunks()
+        # a null struct (no such object) reads as null fields
+        out[s] = pa.StructArray.from_arrays([pc_if_null(col, f) for f in fields], names=list(fields))
+    return out
+
+
+def pc_if_null(struct, name: str):
+    import pyarrow.compute as pc
+
+    child = pc.struct_field(struct, name)
+    return pc.if_else(pc.is_valid(struct), child, None) if struct.null_count else child
+
+
+def side_meta_rows(meta_json, side: str) -> Callable[[int], dict]:
+    """Row i's metadata for ``side`` as the row-wise path sees it (``meta[side]`` when a dict)."""
+    cache: dict[int, dict] = {}
+
+    def get(i: int) -> dict:
+        if i not in cache:
+            try:
+                meta = json.loads(meta_json[i].as_py() or "{}")
+            except (json.JSONDecodeError, TypeError):
+                meta = {}
+            m = meta.get(side) if isinstance(meta, dict) else None
+            cache[i] = m if isinstance(m, dict) else {}
+        return cache[i]
+
+    return get

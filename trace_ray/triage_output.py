@@ -1,0 +1,293 @@
+"""The triaged dataset on storage: written by the Ray Data workers, read by every later stage.
+
+``OUT/triaged.parquet`` is a FOLDER of Parquet part files (Spark-style: the name stays so every
+``OUT/triaged.parquet`` path keeps working) plus ``_SUCCESS``, written last; ``OUT`` may be a
+local folder or an ``s3://`` / ``gs://`` URI (``trace_ray.storage`` resolves the filesystem).
+
+Writing (:func:`write_triaged`): a Ray Data ``Datasink`` (:func:`triaged_sink`, Ray's
+``ParquetDatasink`` with a streaming ``write``). Each write task streams its blocks into ONE part
+file named by Ray's write UUID and the task index — a retried task (a lost worker) rewrites the same
+file, so no row is ever written twice — through a hidden temporary name renamed at the end on a
+local disk (object stores publish a PUT atomically). Each task also returns the summary of the rows
+it wrote (:class:`Summary`, a few kB whatever the row count); Ray hands those to the driver in
+``WriteResult.write_returns`` and :func:`write_triaged` merges them: the driver never holds a row.
+An optional split column routes rows into sibling outputs in the same pass
+(``outputs={"train": "triaged.parquet", "heldout": "heldout.parquet"}``).
+
+Reading: :func:`read_triaged` (a ``pyarrow.Table``, optionally some columns) and
+:func:`triaged_path` (the path to hand to ``ray.data.read_parquet`` / ``pyarrow``) accept a folder
+(refused without ``_SUCCESS``: an interrupted triage) or an older single ``triaged.parquet`` file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from trace_ray import storage
+from trace_ray.data.schema import CATEGORIES, TRIAGED
+
+SUCCESS = "_SUCCESS"
+PLAIN_REASONS = '{"chosen": [], "rejected": []}'
+EXAMPLES_PER_CATEGORY = 3
+WRITE_TASK_MEMORY = 512 << 20  # logical reservation of one write task (Ray scheduling only)
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary: partial per write task, merged on the driver
+
+
+class Summary:
+    """Counts, verdicts, per-rule hits, unresolved reasons and a few examples of triaged rows.
+
+    ``add(table)`` on a ``TRIAGED`` batch (Arrow kernels; only rows with a verdict other than
+    compliant have their reasons parsed); ``merge(other)``; ``to_dict()``. Small and picklable:
+    a write task returns one.
+    """
+
+    def __init__(self, rule_names: list[str], examples: int = EXAMPLES_PER_CATEGORY):
+        self.counts: Counter = Counter({c: 0 for c in CATEGORIES})
+        self.verdicts = {"chosen": Counter(), "rejected": Counter()}
+        self.hits = {name: {"chosen": 0, "rejected": 0} for name in rule_names}
+        self.unresolved: Counter = Counter()
+        self.examples: dict[str, list] = {c: [] for c in CATEGORIES}
+        self.k = examples
+
+    def add(self, table) -> None:
+        import pyarrow.compute as pc
+
+        for key, col in (("category", None), ("chosen", "chosen_verdict"), ("rejected", "rejected_verdict")):
+            for item in pc.value_counts(table[col or key]).to_pylist():
+                (self.counts if col is None else self.verdicts[key])[item["values"]] += item["counts"]
+        plain = pc.and_(pc.equal(table["chosen_verdict"], "compliant"), pc.equal(table["rejected_verdict"], "compliant"))
+        flagged = table.filter(pc.invert(plain)).select(["chosen_verdict", "rejected_verdict", "reasons", "category"])
+        for row in flagged.to_pylist():  # no texts: only the rows' verdicts and reasons
+            reasons = json.loads(row["reasons"])
+            for side in ("chosen", "rejected"):
+                if row[f"{side}_verdict"] == "non_compliant":
+                    for reason in reasons.get(side, []):
+                        name = reason.split(":", 1)[0]
+                        if name in self.hits:
+                            self.hits[name][side] += 1
+            if row["category"] == "unresolved":
+                self.unresolved[reason_kind(row, reasons)] += 1
+        for c in CATEGORIES:  # the first few rows of each category, with their texts
+            if len(self.examples[c]) < self.k:
+                rows = table.filter(pc.equal(table["category"], c)).slice(0, self.k - len(self.examples[c]))
+                for row in rows.to_pylist():
+                    self._example(row, json.loads(row["reasons"]) if row["reasons"] != PLAIN_REASONS else {})
+
+    def _example(self, row: dict, reasons: dict) -> None:
+        if len(self.examples[row["category"]]) < self.k:
+            ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
+            ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
+            ex["reasons"] = reasons
+            self.examples[row["category"]].append(ex)
+
+    def merge(self, other: "Summary") -> "Summary":
+        self.counts.update(other.counts)
+        for s in ("chosen", "rejected"):
+            self.verdicts[s].update(other.verdicts[s])
+        for name, h in other.hits.items():
+            for s in ("chosen", "rejected"):
+                self.hits.setdefault(name, {"chosen": 0, "rejected": 0})[s] += h[s]
+        self.unresolved.update(other.unresolved)
+        for c in CATEGORIES:
+            self.examples[c] = (self.examples[c] + other.examples[c])[: self.k]
+        return self
+
+    def to_dict(self) -> dict:
+        total = sum(self.counts.values())
+        return {
+            "total": total,
+            "counts": {c: self.counts[c] for c in CATEGORIES},
+            "fractions": {c: round(self.counts[c] / total, 4) if total else 0.0 for c in CATEGORIES},
+            "verdicts": {s: {v: self.verdicts[s][v] for v in ("compliant", "non_compliant", "error")}
+                         for s in ("chosen", "rejected")},
+            "rule_hits": self.hits,
+            "unresolved_reasons": dict(self.unresolved.most_common()),
+            "examples": self.examples,
+        }
+
+
+def reason_kind(row: dict, reasons: dict) -> str:
+    """A short, countable reason for an unresolved row (no row-specific text)."""
+    if "error" in reasons:
+        msg = reasons["error"].split(": ", 1)[-1]  # drop the file:line location
+        if msg.startswith("line "):
+            msg = msg.split(": ", 1)[-1]
+        return msg.split(" (byte")[0].split(": ")[0].split(" at column")[0]
+    for side in ("chosen", "rejected"):
+        if row[f"{side}_verdict"] == "error" and reasons.get(side):
+            r = reasons[side][0]
+            if "neither yes nor no" in r:  # drop the answer text, which differs per row
+                r = r.split(" nor no")[0] + " nor no"
+            return f"{side}: {r[:100]}"
+    return "unknown"
+
+
+def _short(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None, rule_names: list[str],
+                 compression: str = "snappy"):
+    """A Ray Data ``Datasink`` writing ``TRIAGED`` rows under ``out_dir``: one part file per write
+    task and output, named by Ray's write UUID and task index (idempotent under retries)."""
+    import pyarrow.parquet as pq
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+    from ray.data.block import BlockAccessor
+
+    class TriagedSink(ParquetDatasink):
+        def __init__(self):
+            fs, root = storage.resolve(out_dir)
+            super().__init__(root, filesystem=fs, try_create_dir=True)
+            self.root, self.fs, self.remote = root, fs, storage.is_remote(out_dir)
+            self.result: Summary | None = None
+            self.rows = 0
+
+        def on_write_start(self, schema=None) -> None:
+            for folder in outputs.values():  # a fresh run replaces an earlier output
+                path = f"{self.root}/{folder}"
+                if self.fs.get_file_info(path).type.name != "NotFound":
+                    self.fs.delete_dir(path)
+                self.fs.create_dir(path, recursive=True)
+
+        def write(self, blocks, ctx) -> dict:
+            name = f"part-{ctx.kwargs[WRITE_UUID_KWARG_NAME][:8]}-{ctx.task_idx:06d}.parquet"
+            writers: dict[str, Any] = {}
+            summaries = {key: Summary(rule_names) for key in outputs}
+            try:
+                for block in blocks:
+                    table = BlockAccessor.for_block(block).to_arrow()
+                    for key, part in _split(table, split_column, outputs):
+                        part = part.select(TRIAGED.names).cast(TRIAGED)
+                        if key not in writers:
+                            writers[key] = self._open(outputs[key], name)
+                        writers[key][0].write_table(part)
+                        summaries[key].add(part)
+            finally:
+                for writer, stream, _tmp, _final in writers.values():
+                    writer.close()
+                    stream.close()
+            for _w, _s, tmp, final in writers.values():
+                if tmp != final:
+                    self.fs.move(tmp, final)  # a retried task replaces the same name
+            return {key: s for key, s in summaries.items()}
+
+        def _open(self, folder: str, name: str):
+            final = f"{self.root}/{folder}/{name}"
+            tmp = final if self.remote else f"{self.root}/{folder}/.{name}.{os.getpid()}.tmp"
+            stream = self.fs.open_output_stream(tmp)
+            return pq.ParquetWriter(stream, TRIAGED, compression=compression), stream, tmp, final
+
+        def on_write_complete(self, write_result) -> None:
+            merged = {key: Summary(rule_names) for key in outputs}
+            for ret in write_result.write_returns:
+                for key, s in (ret or {}).items():
+                    merged[key].merge(s)
+            self.result = merged
+            for key, folder in outputs.items():
+                _clean_tmp(self.fs, f"{self.root}/{folder}")
+                if not _part_names(self.fs, f"{self.root}/{folder}"):  # no rows: still a readable schema
+                    with self.fs.open_output_stream(f"{self.root}/{folder}/part-empty.parquet") as f:
+                        pq.write_table(TRIAGED.empty_table(), f)
+                storage.write_json(storage.join(out_dir, folder, SUCCESS), {
+                    "rows": sum(merged[key].counts.values()),
+                    "files": sorted(_part_names(self.fs, f"{self.root}/{folder}")),
+                    "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                })
+
+    return TriagedSink()
+
+
+def _split(table, split_column: str | None, outputs: dict[str, str]):
+    """(output key, rows) pairs of one block: all rows to the only output, or routed by the split
+    column (a value that is not an output key is an error, never a silently dropped row)."""
+    import pyarrow.compute as pc
+
+    if split_column is None:
+        (key,) = outputs
+        yield key, table
+        return
+    values = set(pc.unique(table[split_column]).to_pylist())
+    unknown = values - set(outputs)
+    if unknown:
+        raise ValueError(f"split column {split_column!r} has value(s) {sorted(map(str, unknown))} "
+                         f"that are not outputs ({', '.join(outputs)})")
+    for key in outputs:
+        if key in values:
+            yield key, table.filter(pc.equal(table[split_column], key))
+
+
+def _part_names(fs, folder: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            if i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
+
+
+def _clean_tmp(fs, folder: str) -> None:
+    """Temporary files of attempts that died mid-write (their task was retried under the final name)."""
+    import pyarrow.fs as pafs
+
+    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+            fs.delete_file(info.path)
+
+
+def write_triaged(ds, out_dir: str, rule_names: list[str], *, outputs: dict[str, str] | None = None,
+                  split_column: str | None = None, ray_remote_args: dict | None = None) -> dict[str, Summary]:
+    """Write a dataset of ``TRIAGED`` rows (plus ``split_column`` when given) under ``out_dir``;
+    return the merged :class:`Summary` per output key. ``outputs`` maps a split value to a folder
+    name (default ``{"all": "triaged.parquet"}``: every row in ``OUT/triaged.parquet``)."""
+    outputs = outputs or {"all": "triaged.parquet"}
+    sink = triaged_sink(str(out_dir), outputs, split_column, rule_names)
+    # Ray's write op keeps every block of a write task in memory until the task ends: fused into
+    # the read task, that would be a whole input file. A memory reservation of its own (a worker
+    # plus one block, its Parquet encoding and summary) keeps the write a separate operator, one
+    # block per write task.
+    ds.write_datasink(sink, ray_remote_args={"memory": WRITE_TASK_MEMORY, **(ray_remote_args or {})})
+    return sink.result
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def triaged_path(path: str | os.PathLike) -> str:
+    """``path`` checked as triage output: a Parquet file, or a folder holding ``_SUCCESS``.
+    Raises ``FileNotFoundError`` / ``ValueError`` with what is wrong."""
+    p = Path(path)
+    if p.is_file():
+        return str(p)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} does not exist (run `trace-ray triage` first)")
+    if not (p / SUCCESS).exists():
+        raise ValueError(f"{p} has no {SUCCESS} marker: the triage that wrote it did not finish "
+                         "(run it again)")
+    return str(p)
+
+
+def read_triaged(path: str | os.PathLike, columns: list[str] | None = None):
+    """The rows of a triage output (folder of part files, in part order, or a single file) as
+    one ``pyarrow.Table``."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(triaged_path(path), columns=columns)
+
+
+def read_triaged_schema(path: str | os.PathLike):
+    import pyarrow.parquet as pq
+
+    p = triaged_path(path)
+    return pq.read_schema(p) if Path(p).is_file() else pq.ParquetDataset(p).schema
