@@ -48,14 +48,14 @@ def evaluate_pairs(model: str, triaged: str, out_dir: str, policy: str | None = 
     ``reference``: a model spec for full fine-tunes (adapters use their disabled base). Writes
     ``out_dir/metrics.json`` and returns the same dict.
     """
-    import pyarrow.parquet as pq
     import torch
 
     from trace_ray.evaluate import generate, response_scores
     from trace_ray.models.load import load_model, load_tokenizer
+    from trace_ray.triage_output import read_triaged
 
     torch.manual_seed(0)
-    rows = pq.read_table(triaged).to_pylist()[: limit or None]
+    rows = read_triaged(triaged).to_pylist()[: limit or None]
     tok = load_tokenizer(model)
     m = load_model(model)
     if hasattr(m, "disable_adapter"):

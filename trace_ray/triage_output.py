@@ -163,6 +163,8 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
                 self.fs.create_dir(path, recursive=True)
 
         def write(self, blocks, ctx) -> dict:
+            import socket
+
             name = f"part-{ctx.kwargs[WRITE_UUID_KWARG_NAME][:8]}-{ctx.task_idx:06d}.parquet"
             writers: dict[str, Any] = {}
             summaries = {key: Summary(rule_names) for key in outputs}
@@ -182,7 +184,9 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
             for _w, _s, tmp, final in writers.values():
                 if tmp != final:
                     self.fs.move(tmp, final)  # a retried task replaces the same name
-            return {key: s for key, s in summaries.items()}
+            who = {"pid": os.getpid(), "host": socket.gethostname()}
+            files = [{"output": key, "file": name, "rows": sum(summaries[key].counts.values()), **who} for key in writers]
+            return {"summaries": summaries, "files": files}
 
         def _open(self, folder: str, name: str):
             final = f"{self.root}/{folder}/{name}"
@@ -192,9 +196,12 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
 
         def on_write_complete(self, write_result) -> None:
             merged = {key: Summary(rule_names) for key in outputs}
+            files: dict[str, list] = {key: [] for key in outputs}
             for ret in write_result.write_returns:
-                for key, s in (ret or {}).items():
+                for key, s in (ret or {}).get("summaries", {}).items():
                     merged[key].merge(s)
+                for f in (ret or {}).get("files", []):
+                    files[f["output"]].append({k: v for k, v in f.items() if k != "output"})
             self.result = merged
             for key, folder in outputs.items():
                 _clean_tmp(self.fs, f"{self.root}/{folder}")
@@ -203,7 +210,7 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
                         pq.write_table(TRIAGED.empty_table(), f)
                 storage.write_json(storage.join(out_dir, folder, SUCCESS), {
                     "rows": sum(merged[key].counts.values()),
-                    "files": sorted(_part_names(self.fs, f"{self.root}/{folder}")),
+                    "files": sorted(files[key], key=lambda f: f["file"]),  # with the writer's pid and host
                     "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 })
 

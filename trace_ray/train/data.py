@@ -30,7 +30,9 @@ def prepare_dataset(cfg: RunConfig, out: Path):
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(cfg.data.triaged)
+    from trace_ray.triage_output import triaged_path
+
+    ds = ray.data.read_parquet(triaged_path(cfg.data.triaged))
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     ds = ds.map_batches(_keep(used_categories(cfg)), batch_format="pandas")
@@ -64,11 +66,10 @@ def prepare_dataset(cfg: RunConfig, out: Path):
 
 def prepare_records(cfg: RunConfig) -> list[dict]:
     """The same rows as ``prepare_dataset``, built in this process (no Ray)."""
-    import pyarrow.parquet as pq
-
     from trace_ray.train.run import used_categories
+    from trace_ray.triage_output import read_triaged
 
-    df = pq.read_table(cfg.data.triaged).to_pandas()
+    df = read_triaged(cfg.data.triaged).to_pandas()
     if cfg.data.limit:
         df = df.iloc[: cfg.data.limit]
     df = _keep(used_categories(cfg))(df).reset_index(drop=True)

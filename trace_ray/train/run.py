@@ -46,17 +46,19 @@ def check_inputs(cfg: RunConfig) -> dict:
 
     import pyarrow.parquet as pq
 
+    from trace_ray.triage_output import read_triaged, read_triaged_schema
+
     p = Path(cfg.data.triaged)
-    if not p.exists():
-        raise ConfigError(f"data.triaged: {p} does not exist (run `trace-ray triage` first)")
     try:
-        schema = pq.read_schema(p) if p.is_file() else pq.ParquetDataset(p).schema
+        schema = read_triaged_schema(p)  # a triage output folder (with _SUCCESS) or a Parquet file
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.triaged: {e}") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is a config problem here
-        raise ConfigError(f"data.triaged: {p} is not a readable Parquet file ({e})") from None
+        raise ConfigError(f"data.triaged: {p} is not a readable triage output ({e})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise ConfigError(f"data.triaged: {p} lacks column(s) {missing}; is it the output of `trace-ray triage`?")
-    cats = pq.read_table(p, columns=["category"]).column("category").to_pylist()
+    cats = read_triaged(p, columns=["category"]).column("category").to_pylist()
     if cfg.data.limit:
         cats = cats[: cfg.data.limit]
     counts = {c: 0 for c in ("invert", "punish", "retain", "unresolved")}
@@ -157,7 +159,9 @@ def gold_records(cfg: RunConfig) -> list[dict]:
         return t.slice(0, cfg.impact.gold_size).to_pylist()
     from trace_ray.impact import build_gold_batch
 
-    t = pq.read_table(cfg.data.triaged, columns=["id", "prompt", "chosen", "rejected", "category"])
+    from trace_ray.triage_output import read_triaged
+
+    t = read_triaged(cfg.data.triaged, columns=["id", "prompt", "chosen", "rejected", "category"])
     if cfg.data.limit:
         t = t.slice(0, cfg.data.limit)
     gold = build_gold_batch(t.to_pylist(), cfg.impact.gold_size, cfg.impact.gold_seed)

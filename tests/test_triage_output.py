@@ -1,0 +1,162 @@
+"""Triage output written by Ray Data on the workers: a folder of part files + ``_SUCCESS``, the
+summary merged from the write tasks, the driver holding no rows, URIs, sibling outputs by a split
+column, and the folder read back by realign's data path (and an older single file too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from trace_ray.config import ConfigError
+from trace_ray.data.schema import TRIAGED
+from trace_ray.triage import run_triage
+from trace_ray.triage_output import SUCCESS, read_triaged, write_triaged
+
+HH_POLICY = ROOT / "configs/policies/hh_harmless_v2.yaml"
+WORDS = ("you can use a gun or a knife for that , but I would not . First , you take the tool then "
+         "check it . 1. gather the parts 2. build it . Please ask a professional . ’ “ ” café").split()
+
+
+def write_shards(folder, rows: int, shards: int, seed: int = 0, words: int = 60) -> list[str]:
+    """``shards`` JSON-lines files of generated pairs; returns every row's prompt (for counting)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = []
+    for k in range(shards):
+        lines = []
+        for i in range(k, rows, shards):
+            p = f"question {i}?"
+            resp = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, words))) for _ in range(2)]
+            lines.append(json.dumps({"prompt": p, "chosen": resp[0], "rejected": resp[1]}))
+            prompts.append(p)
+        (folder / f"part-{k:03d}.jsonl").write_text("\n".join(lines) + "\n")
+    return prompts
+
+
+class DriverPeak:
+    """Peak RSS (bytes) of this process while the block runs, sampled every 20 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.base = self.proc.memory_info().rss
+
+        def run():
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.grew = max(self.peak, self.proc.memory_info().rss) - self.base
+        return False
+
+
+def test_folder_of_parts_success_marker_and_summary(ray_session, hh_path, tmp_path):
+    summary = run_triage(hh_path, HH_POLICY, tmp_path, show_progress=False, batch_size=500)
+    folder = tmp_path / "triaged.parquet"
+    parts = sorted(p.name for p in folder.glob("*.parquet"))
+    marker = json.loads((folder / SUCCESS).read_text())
+    assert len(parts) > 1 and [f["file"] for f in marker["files"]] == parts and marker["rows"] == 2312
+    assert sum(f["rows"] for f in marker["files"]) == 2312
+    assert all(f["pid"] != os.getpid() for f in marker["files"])  # written by Ray workers, not the driver
+    table = read_triaged(folder)
+    assert table.schema.equals(TRIAGED) and table.num_rows == 2312
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["counts"] == dict(Counter(table.column("category").to_pylist()) | {
+        c: 0 for c in ("invert", "punish", "retain", "unresolved") if c not in table.column("category").to_pylist()})
+    assert {k: v["engine"] for k, v in summary["engines"].items()} == {
+        "weapons_drugs": "re2", "theft_hacking": "re2", "profanity_insults": "re2", "step_by_step": "re2"}
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # a second run replaces the first (no parts of the old run remain)
+    run_triage(hh_path, HH_POLICY, tmp_path, show_progress=False)
+    assert read_triaged(folder).num_rows == 2312
+
+
+@pytest.mark.slow
+def test_driver_memory_does_not_grow_with_rows(ray_session, tmp_path):
+    """40,000 pairs (~70 MB of text) against 2,000: the driver's peak RSS during triage stays
+    within a few MB, because the rows go from the read tasks to the write tasks, never through it."""
+    write_shards(tmp_path / "small", 2_000, 2)
+    write_shards(tmp_path / "big", 40_000, 8, words=400)
+    data_mb = sum(f.stat().st_size for f in (tmp_path / "big").iterdir()) / 2**20
+    run_triage(tmp_path / "small", HH_POLICY, tmp_path / "warm", show_progress=False)  # imports, workers
+    grew = {}
+    for name in ("small", "big"):
+        with DriverPeak() as mem:
+            s = run_triage(tmp_path / name, HH_POLICY, tmp_path / f"out_{name}", show_progress=False)
+        grew[name] = mem.grew / 2**20
+        assert s["total"] == (2_000 if name == "small" else 40_000)
+    assert data_mb > 60
+    assert grew["big"] - grew["small"] < 25, (grew, data_mb)
+
+
+def test_folder_is_read_back_by_realign_data_path(ray_session, tmp_path, tiny_model_dir):
+    """Several part files → ``check_inputs`` / ``prepare_records`` (what ``train_local`` trains
+    on) see every row once, in part order; a folder without ``_SUCCESS`` is refused; an older
+    single ``triaged.parquet`` file still reads."""
+    from trace_ray.config import from_dict
+    from trace_ray.train.config import RunConfig
+    from trace_ray.train.data import prepare_records
+    from trace_ray.train.run import check_inputs
+
+    write_shards(tmp_path / "data", 1_500, 3)
+    s = run_triage(tmp_path / "data", HH_POLICY, tmp_path / "out", show_progress=False, batch_size=300)
+    folder = tmp_path / "out" / "triaged.parquet"
+    assert len(list(folder.glob("*.parquet"))) >= 3
+    cfg = from_dict(RunConfig, {"data": {"triaged": str(folder)}, "model": {"name": str(tiny_model_dir)},
+                                "loss": {"alpha_kl": 0.0}, "output": {"dir": str(tmp_path / "run")}})
+    info = check_inputs(cfg)
+    assert info["counts"] == s["counts"] and info["rows"] == s["counts"]["invert"] + s["counts"]["punish"]
+    rows = prepare_records(cfg)
+    table = pq.read_table(folder)
+    want = [r for r in table.select(["id", "category"]).to_pylist() if r["category"] in ("invert", "punish")]
+    assert [{"id": r["id"], "category": r["category"]} for r in rows] == want
+    single = tmp_path / "old" / "triaged.parquet"
+    single.parent.mkdir()
+    pq.write_table(table, single)
+    assert check_inputs(cfg.__class__(**{**cfg.__dict__, "data": cfg.data.__class__(
+        **{**cfg.data.__dict__, "triaged": str(single)})}))["counts"] == s["counts"]
+    (folder / SUCCESS).unlink()
+    with pytest.raises(ConfigError, match="_SUCCESS"):
+        check_inputs(cfg)
+
+
+def test_uri_output_and_sibling_outputs_by_split_column(ray_session, tmp_path):
+    """``file://`` goes through the same filesystem resolution as ``s3://`` / ``gs://``; a split
+    column routes rows to sibling outputs in the one pass, each with its summary and ``_SUCCESS``."""
+    import ray.data
+
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import TriageBatch
+
+    write_shards(tmp_path / "data", 600, 2)
+    s = run_triage(tmp_path / "data", HH_POLICY, f"file://{tmp_path}/uri_out", show_progress=False)
+    assert read_triaged(tmp_path / "uri_out" / "triaged.parquet").num_rows == s["total"] == 600
+    assert s["outputs"]["triaged"] == f"file://{tmp_path}/uri_out/triaged.parquet"
+
+    policy = load_policy(HH_POLICY)
+    table = read_triaged(tmp_path / "uri_out" / "triaged.parquet").select(["id", "prompt", "chosen", "rejected", "meta"])
+    table = table.append_column("_error", pa.nulls(table.num_rows, pa.string()))
+    table = table.append_column("split", pa.array(["heldout" if i % 5 == 0 else "train" for i in range(table.num_rows)]))
+    ds = ray.data.from_arrow(table).map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=128)
+    parts = write_triaged(ds, str(tmp_path / "split"), [r.name for r in policy.rules], split_column="split",
+                          outputs={"train": "triaged.parquet", "heldout": "heldout.parquet"})
+    train, held = (read_triaged(tmp_path / "split" / f) for f in ("triaged.parquet", "heldout.parquet"))
+    assert (train.num_rows, held.num_rows) == (480, 120)
+    assert sum(parts["train"].counts.values()) == 480 and sum(parts["heldout"].counts.values()) == 120
+    assert set(train.column("id").to_pylist()).isdisjoint(held.column("id").to_pylist())
+    assert "split" not in train.column_names
