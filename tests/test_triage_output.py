@@ -160,3 +160,30 @@ def test_uri_output_and_sibling_outputs_by_split_column(ray_session, tmp_path):
     assert sum(parts["train"].counts.values()) == 480 and sum(parts["heldout"].counts.values()) == 120
     assert set(train.column("id").to_pylist()).isdisjoint(held.column("id").to_pylist())
     assert "split" not in train.column_names
+
+
+def test_a_retried_write_task_rewrites_its_own_part(tmp_path, hh_path):
+    """What a retry does (same write UUID, same task index, after the first attempt finished or
+    died): one part file, its rows once; a dead attempt's temporary file is removed at the end."""
+    from ray.data._internal.execution.interfaces import TaskContext
+    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+    from ray.data.datasource.datasink import WriteResult
+
+    from trace_ray.data.readers import READ_SCHEMA, iter_records
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import triage_table
+    from trace_ray.triage_output import triaged_sink
+
+    policy = load_policy(HH_POLICY)
+    rows = triage_table(policy, pa.Table.from_pylist(list(iter_records(hh_path))[:300], schema=READ_SCHEMA))
+    sink = triaged_sink(str(tmp_path), {"all": "triaged.parquet"}, None, [r.name for r in policy.rules])
+    sink.on_write_start()
+    ctx = TaskContext(task_idx=7, op_name="Write", kwargs={WRITE_UUID_KWARG_NAME: "0123abcd-uuid"})
+    sink.write([rows.slice(0, 150), rows.slice(150)], ctx)
+    (tmp_path / "triaged.parquet" / ".part-0123abcd-000007.parquet.999.tmp").write_bytes(b"half a file")
+    ret = sink.write([rows.slice(0, 150), rows.slice(150)], ctx)  # the retry
+    sink.on_write_complete(WriteResult(num_rows=300, size_bytes=0, write_returns=[ret]))
+    folder = tmp_path / "triaged.parquet"
+    assert sorted(p.name for p in folder.iterdir()) == [SUCCESS, "part-0123abcd-000007.parquet"]
+    assert read_triaged(folder).equals(rows)
+    assert sink.result["all"].to_dict()["total"] == 300
