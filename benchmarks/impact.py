@@ -1,25 +1,32 @@
-"""Benchmark: alignment-impact scores — the TRACE authors' per-sample loop vs our ``jvp`` and ``fd``.
+"""Benchmark: alignment-impact scores — the TRACE authors' per-sample loop vs our batched ``jvp`` / ``fd``.
 
 Same tiny LLaMA (≈13.4M parameters with the real 50,257-token GPT-2 vocabulary), same real HH-RLHF
-rows, fp32, LoRA (r=32 on q/v) and full parameters, batch sizes 8/32/128. Every (parameters, batch,
-method) cell runs in its own fresh Python process (clean peak-memory figure), after a one-pair
-warm-up; all cells of one invocation run back to back, so the ratios compare like with like.
+rows, fp32, LoRA (r=32 on q/v) and full parameters. Every (parameters, batch, method) cell runs in
+its own fresh Python process (clean peak-memory figure), after a one-pair warm-up; all cells of one
+invocation run back to back, so the ratios compare like with like. Scores are taken at θ = θ_ref,
+in eval mode, as the authors do, on the authors' loss (NPO without 2/β, ``npo_normalize=False``).
 
-- ``authors``: re-implementation of respailab/TRACE ``src/utils/losses.py`` scoring, in eval mode:
-  per invert pair 4 no-grad forwards (policy + reference, each response alone) and one
-  forward+backward per response to a *flattened* gradient, then ``dot(g_J, c·(∇y_l − ∇y_w))``;
-  per punish pair, per response, a reference no-grad forward and a forward+backward of the
-  (unnormalised) NPO loss to a flattened gradient. Full-vocab ``log_softmax`` as HF code does.
-  A separate frozen reference copy, as in their code.
-- ``jvp`` / ``fd``: ``trace_ray.impact.impact_scores`` on the whole batch with reference log-probs
-  cached (``seconds``); ``seconds_with_ref`` adds the reference pass that computes them (one
-  no-grad batched forward; in the pipeline it is a stage of its own).
+Methods:
+- ``authors`` — the baseline. With ``--authors-repo DIR`` (a checkout of respailab/TRACE, or the
+  files ``src/utils/{losses,common,reward,datamodule}.py`` of one): THEIR code, imported and run
+  as written — ``utils.losses._impact_invert`` / ``_impact_punish`` per pair: their tokenisation
+  (``_tokenize_pair``: a chat template or "### Question/Answer", padded to 256 tokens), per pair 4
+  no-grad forwards + 2 forward+backward passes to a flattened gradient (invert) or 2 × (reference
+  forward + forward+backward) (punish), a separate frozen reference model. Its provenance (repo,
+  commit, files, sha256) goes into the JSON. Without ``--authors-repo``: ``reimpl``'s loop.
+- ``reimpl`` — the project's re-implementation of that loop with OUR tokenisation (the same token
+  sequences ``jvp``/``fd`` score), so that agreement can be measured exactly.
+- ``jvp`` / ``fd`` — ``trace_ray.impact.impact_scores`` on the whole batch. ``seconds``: with the
+  reference log-probs given; ``seconds_with_ref``: plus a separate reference pass (one batched
+  no-grad forward, adapter disabled); ``seconds_fused``: ``at_reference=True`` — at θ = θ_ref the
+  reference log-probs are the policy's own, taken from the scoring pass itself (no extra pass).
 
-The scored loss is the authors' (NPO without 2/β, ``npo_normalize=False``) so the numbers compare.
-Agreement is against ``authors``: max relative error ``max|s−a| / max|a|`` and Pearson r.
+The headline ratio is ``authors`` seconds / ``seconds_fused`` (the authors' loop contains its own
+reference forwards). Agreement (max relative error, Pearson r) is against ``reimpl`` (same tokens);
+against ``authors``' code it is reported too, but their tokenisation differs, so it is approximate.
 
-Run (CPU; ~10 min on 2 shared cores):
-    .venv/bin/python benchmarks/impact.py --out benchmarks/results/impact_cpu.json
+Run (CPU; ~25 min on 2 shared cores):
+    .venv/bin/python benchmarks/impact.py --authors-repo /path/to/TRACE --out benchmarks/results/impact_cpu.json
 Quick look:
     .venv/bin/python benchmarks/impact.py --batches 8 --params lora --out /tmp/impact.json
 """
@@ -41,13 +48,18 @@ from _common import HH, ROOT, TOKENIZER, hh_pairs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(HH), help="HH-RLHF jsonl(.gz) file (real rows; default: the shared one)")
     p.add_argument("--tokenizer", default=str(TOKENIZER), help="HF tokenizer folder (default: shared GPT-2 tokenizer, 50,257 tokens)")
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128], help="batch sizes (pairs) to score")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes (pairs) to score")
     p.add_argument("--params", nargs="+", default=["lora", "full"], choices=["lora", "full"], help="trainable parameters")
-    p.add_argument("--methods", nargs="+", default=["authors", "jvp", "fd"], choices=["authors", "exact", "jvp", "fd"],
-                   help="methods to time; 'authors' is the baseline for ratios and agreement")
+    p.add_argument("--methods", nargs="+", default=["authors", "reimpl", "jvp", "fd"],
+                   choices=["authors", "reimpl", "exact", "jvp", "fd"],
+                   help="methods to time; 'authors' is the speed baseline, 'reimpl' the agreement baseline")
+    p.add_argument("--authors-repo", default=None,
+                   help="a checkout of respailab/TRACE (or its src/utils files): the 'authors' baseline runs "
+                        "their code; without it, 'authors' is the project's re-implementation")
     p.add_argument("--hidden", type=int, default=128, help="model hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -63,10 +75,23 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- shared set-up
-def load_records(path: str, n: int) -> list[dict]:
-    """First ``n`` well-formed HH rows; scoring rows alternate invert/punish (the categories only
-    decide which loss is scored — this benchmark is about cost and agreement, not triage)."""
-    return [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in hh_pairs(path, n)]
+def load_records(path: str, n: int, tokenizer: str, max_length: int) -> list[dict]:
+    """The first ``n`` well-formed HH rows whose prompt and longer response fit in ``max_length``
+    tokens with room to spare (nothing truncated in either tokenisation; the authors'
+    ``_tokenize_pair`` fails on a prompt longer than its 256 tokens). Scoring rows alternate
+    invert/punish (the categories only decide which loss is scored: this is about cost and
+    agreement, not triage)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    out = []
+    for r in hh_pairs(path, 20 * n):
+        n_tok = len(tok(r["prompt"])["input_ids"]) + max(len(tok(r[s])["input_ids"]) for s in ("chosen", "rejected"))
+        if n_tok <= max_length - 24:
+            out.append({k: r[k] for k in ("id", "prompt", "chosen", "rejected")})
+            if len(out) == n:
+                break
+    return out
 
 
 def build(args, params: str):
@@ -95,7 +120,7 @@ def build(args, params: str):
 
 
 def scoring_records(args, max_batch: int):
-    recs = load_records(args.data, max_batch + 3 * args.gold_size)
+    recs = load_records(args.data, max_batch + 3 * args.gold_size, args.tokenizer, args.max_length)
     score = recs[:max_batch]
     for i, r in enumerate(score):
         r["category"] = ("invert", "punish")[i % 2]
@@ -206,10 +231,50 @@ def authors_scores(model, ref, tok, records, g_J, beta, device, max_length):
 
 
 # ----------------------------------------------------------------------------- one cell
+def authors_code_scores(repo: str, model, ref, tok, records, g_J, beta, device) -> list[float]:
+    """The authors' own scoring functions (``src/utils/losses.py`` of respailab/TRACE), imported
+    from ``repo`` and called as their ``compute_impact_scores`` calls them, one pair at a time.
+    Their invert rows are pre-swapped (chosen = the compliant y_l); ours are not, so swap here."""
+    import torch
+
+    sys.path.insert(0, str(Path(repo) / "src"))
+    from utils.losses import _impact_invert, _impact_punish  # noqa: E402 - their module
+
+    gJ = torch.cat([g.reshape(-1) for g in g_J]).to(device)
+    dev = torch.device(device)
+    out = []
+    for r in records:
+        if r["category"] == "invert":
+            out.append(_impact_invert({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]},
+                                      model, ref, tok, gJ, beta, dev))
+        else:
+            out.append(_impact_punish({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                                      model, ref, tok, gJ, beta, dev))
+    return out
+
+
+def authors_provenance(repo: str) -> dict:
+    """What was run as the authors' code: repo, commit, files and their sha256."""
+    import hashlib
+
+    root = Path(repo)
+    files = {f: hashlib.sha256((root / f).read_bytes()).hexdigest()
+             for f in ("src/utils/losses.py", "src/utils/common.py", "src/utils/reward.py", "src/utils/datamodule.py")
+             if (root / f).exists()}
+    info = {"dir": str(root), "files_sha256": files}
+    if (root / ".git").exists():
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+        info.update({"repo": "respailab/TRACE", "commit": head.stdout.strip()})
+    if (root / "PROVENANCE.json").exists():
+        info.update(json.loads((root / "PROVENANCE.json").read_text()))
+    return info
+
+
 def run_cell(args, spec: dict) -> dict:
     import torch
 
     from trace_ray.impact import build_score_batch, impact_scores
+    from trace_ray.logprobs import reference_logps
 
     tok, model, ref = build(args, spec["params"])
     score_recs, _ = scoring_records(args, max(args.batches))
@@ -217,32 +282,44 @@ def run_cell(args, spec: dict) -> dict:
     g_J = [g.to(args.device) for g in torch.load(spec["g_path"])]
     method = spec["method"]
 
-    def ours(rs):
+    def ours(rs, fused: bool):
+        """(scores, seconds scoring only, seconds tokenising + reference pass + scoring)."""
         t0 = time.perf_counter()
         batch = build_score_batch(tok, rs, args.max_length)
-        batch["ref_logps"] = ref_pass(batch)
+        if not fused:  # LoRA: adapter disabled; full: the frozen copy (at θ_ref both equal θ)
+            batch["ref_logps"] = reference_logps(model if spec["params"] == "lora" else ref, batch)
         t1 = time.perf_counter()
-        s = impact_scores(model, batch, g_J, method, beta=args.beta, npo_normalize=False)
+        s = impact_scores(model, batch, g_J, method, beta=args.beta, npo_normalize=False, at_reference=fused)
         sync(args.device)
-        return s.tolist(), time.perf_counter() - t1, t1 - t0
+        t2 = time.perf_counter()
+        return s.tolist(), t2 - t1, t2 - t0
 
-    def ref_pass(batch):
-        from trace_ray.logprobs import reference_logps
-
-        return reference_logps(model if spec["params"] == "lora" else ref, batch)
-
-    def authors(rs):
+    def loop(rs):
         t0 = time.perf_counter()
-        s = authors_scores(model, ref, tok, rs, g_J, args.beta, args.device, args.max_length)
+        if method == "authors" and args.authors_repo:
+            s = authors_code_scores(args.authors_repo, model, ref, tok, rs, g_J, args.beta, args.device)
+        else:
+            s = authors_scores(model, ref, tok, rs, g_J, args.beta, args.device, args.max_length)
         sync(args.device)
-        return s, time.perf_counter() - t0, 0.0
+        return s, time.perf_counter() - t0
 
-    fn = authors if method == "authors" else ours
-    fn(recs[:2])  # warm-up: one invert + one punish pair
+    out = dict(spec)
+    if method in ("authors", "reimpl"):
+        loop(recs[:2])  # warm-up: one invert + one punish pair
+        with PeakMemory(args.device) as mem:
+            scores, secs = loop(recs)
+        out.update(seconds=secs, seconds_with_ref=secs, seconds_fused=secs, peak_mem_mb=mem.peak_mb, scores=scores,
+                   code="authors' own (--authors-repo)" if method == "authors" and args.authors_repo
+                   else "project re-implementation")
+        return out
+    ours(recs[:2], False), ours(recs[:2], True)  # warm-up
     with PeakMemory(args.device) as mem:
-        scores, secs, ref_secs = fn(recs)
-    return {**spec, "seconds": secs, "seconds_ref_pass": ref_secs, "seconds_with_ref": secs + ref_secs,
-            "peak_mem_mb": mem.peak_mb, "scores": scores}
+        scores, secs, secs_ref = ours(recs, False)
+    with PeakMemory(args.device) as mem_f:
+        scores_f, _, secs_f = ours(recs, True)
+    out.update(seconds=secs, seconds_with_ref=secs_ref, seconds_fused=secs_f, peak_mem_mb=mem.peak_mb,
+               peak_mem_fused_mb=mem_f.peak_mb, scores=scores, scores_fused=scores_f)
+    return out
 
 
 def sync(device):
@@ -290,7 +367,8 @@ def passthrough(args) -> list[str]:
             "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
             "--intermediate", str(args.intermediate), "--lora-r", str(args.lora_r),
             "--max-length", str(args.max_length), "--gold-size", str(args.gold_size),
-            "--beta", str(args.beta), "--device", args.device]
+            "--beta", str(args.beta), "--device", args.device] + (
+                ["--authors-repo", args.authors_repo] if args.authors_repo else [])
 
 
 def agreement(a: list[float], s: list[float]) -> dict:
@@ -330,14 +408,19 @@ def main(argv=None) -> int:
             for m in args.methods:
                 row[m] = subprocess_json(args, {"params": p, "batch": b, "method": m, "g_path": g_path})
                 bar.update()
-            base = row.get("authors")
+            base, same = row.get("authors"), row.get("reimpl")
             for m, c in row.items():
                 if base and m != "authors":
-                    c.update(agreement(base["scores"], c["scores"]))
-                    c["speedup"] = base["seconds"] / c["seconds"]
-                    c["speedup_with_ref"] = base["seconds"] / c["seconds_with_ref"]
+                    for k in ("seconds", "seconds_with_ref", "seconds_fused"):
+                        c[k.replace("seconds", "speedup")] = base["seconds"] / c[k]
                     c["peak_mem_ratio"] = c["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None
-                c["seconds_per_pair"] = c["seconds_with_ref"] / b
+                if m not in ("authors", "reimpl"):
+                    if same:
+                        c["agreement_vs_reimpl"] = agreement(same["scores"], c["scores"])
+                        c["agreement_fused_vs_reimpl"] = agreement(same["scores"], c["scores_fused"])
+                    if base and base.get("code", "").startswith("authors' own"):
+                        c["agreement_fused_vs_authors_code"] = agreement(base["scores"], c["scores_fused"])
+                c["seconds_per_pair"] = c["seconds_fused"] / b
                 cells.append(c)
     bar.close()
     import torch
@@ -351,6 +434,8 @@ def main(argv=None) -> int:
                     "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                     "note": "2 CPU cores shared with other jobs at the time; ratios are within one run"},
         "models": models,
+        "authors_code": authors_provenance(args.authors_repo) if args.authors_repo else
+        "not given: 'authors' is the project's re-implementation of their loop (our tokenisation)",
         "cells": [{k: v for k, v in c.items() if k not in ("g_path",)} for c in cells],
         "wall_seconds": time.time() - started,
     }
@@ -362,13 +447,14 @@ def main(argv=None) -> int:
 
 
 def table(result: dict) -> str:
-    lines = ["| params | batch | method | s (cached ref) | s (+ref pass) | speed-up | speed-up +ref | peak MB | max rel err | Pearson r |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| params | batch | method | s (ref given) | s (+ref pass) | s (fused ref) | speed-up fused | "
+             "speed-up +ref | peak MB | r vs reimpl | r vs authors' code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         f = lambda k, fmt: (fmt.format(c[k]) if c.get(k) is not None else "—")  # noqa: E731
+        r = lambda k: "{:.6f}".format(c[k]["pearson_r"]) if c.get(k) else "—"  # noqa: E731
         lines.append(f"| {c['params']} | {c['batch']} | {c['method']} | {c['seconds']:.2f} | {c['seconds_with_ref']:.2f} | "
-                     f"{f('speedup', '{:.2f}×')} | {f('speedup_with_ref', '{:.2f}×')} | {c['peak_mem_mb']:.0f} | "
-                     f"{f('max_rel_err', '{:.1e}')} | {f('pearson_r', '{:.6f}')} |")
+                     f"{c['seconds_fused']:.2f} | {f('speedup_fused', '{:.2f}×')} | {f('speedup_with_ref', '{:.2f}×')} | "
+                     f"{c['peak_mem_mb']:.0f} | {r('agreement_fused_vs_reimpl')} | {r('agreement_fused_vs_authors_code')} |")
     return "\n".join(lines)
 
 

@@ -210,3 +210,23 @@ def test_fd_step_rules(tiny_tokenizer, tiny_model):
     for kw in ({"fd_delta": 0.005}, {"fd_eps": 1e-4}):
         fd = impact_scores(tiny_model, batch, g, "fd", **kw)
         assert pearson(fd[active], exact[active]) >= 0.999, kw
+
+
+@pytest.mark.parametrize("params", ["full", "lora"])
+def test_at_reference_takes_the_reference_from_the_scoring_pass(tiny_tokenizer, tiny_model, params):
+    """At θ = θ_ref (a LoRA adapter at initialisation; a full model before training) the reference
+    log-probs are the policy's own: ``at_reference=True`` without ``ref_logps`` gives the scores of
+    a separate reference pass — jvp and exact to float precision, fd to its O(ε²)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])) if params == "lora" else tiny_model
+    recs = make_records()
+    g = global_gradient(model, [encode_pairs(tiny_tokenizer, build_gold_batch(recs, 6, seed=0), 96)])
+    with_ref = build_score_batch(tiny_tokenizer, recs, 96, model=model)
+    bare = build_score_batch(tiny_tokenizer, recs, 96)
+    assert "ref_logps" not in bare
+    for method, tol in (("exact", 1e-5), ("jvp", 1e-5), ("fd", 5e-3)):
+        want = impact_scores(model, with_ref, g, method)
+        got = impact_scores(model, bare, g, method, at_reference=True)
+        rel = float((got - want).abs().max() / want.abs().max())
+        assert rel <= tol, (method, rel)

@@ -173,12 +173,14 @@ def build_score_batch(
 
 
 def _sample_losses(
-    logps: torch.Tensor, batch: Mapping[str, torch.Tensor], beta: float, npo_normalize: bool, nll_lambda: float
+    logps: torch.Tensor, batch: Mapping[str, torch.Tensor], beta: float, npo_normalize: bool, nll_lambda: float,
+    ref: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample TRACE preference losses ``[B]`` from the batch's ``[2B|3B]`` log-probs."""
+    """Per-sample TRACE preference losses ``[B]`` from the batch's ``[2B|3B]`` log-probs (reference
+    log-probs: ``ref`` when given, else ``batch["ref_logps"]``)."""
     cat = batch["category"].to(logps.device)
     B = cat.shape[0]
-    ref = batch["ref_logps"].to(logps)
+    ref = (batch["ref_logps"] if ref is None else ref).to(logps)
     lengths = batch["loss_mask"].sum(-1).to(logps.device)
     kw = {}
     if logps.shape[0] == 3 * B:
@@ -202,7 +204,8 @@ def _rows_of(batch: Mapping[str, torch.Tensor], pairs: torch.Tensor) -> dict[str
     rows = torch.cat([pairs + j * B for j in range(k)])
     sub = select_rows(batch, rows)
     sub["category"] = batch["category"][pairs]
-    sub["ref_logps"] = batch["ref_logps"][rows]
+    if "ref_logps" in batch:
+        sub["ref_logps"] = batch["ref_logps"][rows]
     if "has_corrected" in batch:
         sub["has_corrected"] = batch["has_corrected"][pairs]
     return sub
@@ -240,6 +243,7 @@ def impact_scores(
     fd_eps: float | None = None,
     micro_batch: int | None = None,
     eval: bool = True,
+    at_reference: bool = False,
 ) -> torch.Tensor:
     """Alignment-impact scores ``s_i = ⟨g_J, ∇_θ L_i⟩``, ``[B]`` fp32 (0 on retain/unresolved rows).
 
@@ -254,6 +258,13 @@ def impact_scores(
     docs/method.md). ``micro_batch`` splits the batch into chunks of that many pairs (bounds memory; same
     result). ``eval=False`` scores in the model's current mode (train mode: dropout → random).
     The batch layout and the loss scored are described in the module docstring.
+
+    ``at_reference=True`` states that θ IS θ_ref (the paper scores once, before training: a LoRA
+    adapter at initialisation, or a full model equal to its frozen copy). A batch without
+    ``ref_logps`` then needs no reference pass of its own: the reference log-probs are the
+    policy's own, taken from the scoring pass itself — ``jvp``: its primal output (exact);
+    ``fd``: the mean of the θ±εĝ log-probs (exact to O(ε²)); ``exact``: the forward it already
+    runs.
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {list(METHODS)}")
@@ -263,7 +274,8 @@ def impact_scores(
     if "category" not in batch:
         raise ValueError("batch.category: missing (use build_score_batch)")
     batch["category"] = category_codes(batch["category"])
-    if "ref_logps" not in batch:
+    fused = at_reference and "ref_logps" not in batch
+    if "ref_logps" not in batch and not fused:
         batch["ref_logps"] = reference_logps(model, batch)
     B = batch["category"].shape[0]
     if batch["input_ids"].shape[0] not in (2 * B, 3 * B):
@@ -278,7 +290,7 @@ def impact_scores(
     ctx = eval_mode(model) if eval else _nullctx()
     with ctx:
         if method == "exact":
-            scores[active] = _exact(model, params, batch, active, g_J, kw)
+            scores[active] = _exact(model, params, batch, active, g_J, kw, fused)
         else:
             if method == "fd":
                 gnorm, eps = _fd_step(params, g_J, fd_delta, fd_eps)
@@ -286,24 +298,25 @@ def impact_scores(
                 pairs = active[s : s + step]
                 sub = _rows_of(batch, pairs)
                 if method == "jvp":
-                    out = _jvp(model, params, sub, g_J, kw)
+                    out = _jvp(model, params, sub, g_J, kw, fused)
                 else:
-                    out = _fd(model, params, sub, g_J, gnorm, eps, kw)
+                    out = _fd(model, params, sub, g_J, gnorm, eps, kw, fused)
                 scores[pairs] = out.float().cpu()
     return scores
 
 
-def _exact(model, params, batch, active, g_J, kw) -> torch.Tensor:
+def _exact(model, params, batch, active, g_J, kw, fused=False) -> torch.Tensor:
     out = []
     for i in active.tolist():
         sub = _rows_of(batch, torch.tensor([i]))
-        loss = _sample_losses(sequence_logps(model, sub), sub, **kw).sum()
+        logps = sequence_logps(model, sub)
+        loss = _sample_losses(logps, sub, **kw, ref=logps.detach() if fused else None).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out.append(sum(float((g.float() * gj.to(g.device, torch.float32)).sum()) for g, gj in zip(grads, g_J) if g is not None))
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _jvp(model, params, sub, g_J, kw) -> torch.Tensor:
+def _jvp(model, params, sub, g_J, kw, fused=False) -> torch.Tensor:
     from torch.func import functional_call, jvp
 
     wrapper = _LogpsModule(model)
@@ -313,7 +326,8 @@ def _jvp(model, params, sub, g_J, kw) -> torch.Tensor:
 
     def f(*ps):
         logps = functional_call(wrapper, dict(zip(names, ps)), (sub,))
-        return _sample_losses(logps, sub, **kw)
+        # fused: the reference is the primal (detach drops the tangent, so it stays fixed)
+        return _sample_losses(logps, sub, **kw, ref=logps.detach() if fused else None)
 
     # Flash / memory-efficient SDPA kernels have no forward AD: force the math kernel (a no-op
     # for eager attention).
@@ -336,7 +350,7 @@ def _fd_step(params, g_J, fd_delta: float, fd_eps: float | None) -> tuple[float,
     return gnorm, (fd_delta / gnorm if gnorm > 0 else 0.0)
 
 
-def _fd(model, params, sub, g_J, gnorm, eps, kw) -> torch.Tensor:
+def _fd(model, params, sub, g_J, gnorm, eps, kw, fused=False) -> torch.Tensor:
     if gnorm == 0:
         return torch.zeros(sub["category"].shape[0])
     saved = [p.detach().clone() for p in params]
@@ -345,14 +359,18 @@ def _fd(model, params, sub, g_J, gnorm, eps, kw) -> torch.Tensor:
         with torch.no_grad():
             for p, d in zip(params, step):
                 p.add_(d)
-            plus = _sample_losses(sequence_logps(model, sub), sub, **kw)
+            lp_plus = sequence_logps(model, sub)
             for p, s, d in zip(params, saved, step):
                 p.copy_(s).sub_(d)
-            minus = _sample_losses(sequence_logps(model, sub), sub, **kw)
+            lp_minus = sequence_logps(model, sub)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+    # fused: log-probs at θ = their mean at θ±εĝ, to O(ε²) (the same reference on both sides)
+    ref = (lp_plus.double() + lp_minus.double()).div(2).float() if fused else None
+    plus = _sample_losses(lp_plus, sub, **kw, ref=ref)
+    minus = _sample_losses(lp_minus, sub, **kw, ref=ref)
     return (plus.double() - minus.double()) * (gnorm / (2 * eps))
 
 
