@@ -169,3 +169,40 @@ def test_read_pairs_on_ray_matches_iter_records(ray_session, tmp_path, hh_path):
         assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in want)
         assert sorted(str(r["_error"]) for r in rows) == sorted(str(r["_error"]) for r in want)
         assert set(ds.schema().names) == set(READ_SCHEMA.names)
+
+
+def _plain_rows(n=300, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    words = ["gun", "café", "’", "hello", "日本", "\n", "  ", "x", "\u00a0"]
+    return [{"prompt": "".join(rng.choice(words) for _ in range(rng.randint(0, 6))),
+             "chosen": "".join(rng.choice(words) for _ in range(rng.randint(1, 9))),
+             "rejected": "".join(rng.choice(words) for _ in range(rng.randint(1, 9)))} for _ in range(n)]
+
+
+@pytest.mark.parametrize("variant", ["plain", "ids", "mixed"])
+def test_fast_paths_equal_the_row_by_row_reader(tmp_path, variant):
+    """The whole-batch readers (JSON lines: one tuple per row; Parquet: Arrow columns, ids hashed
+    from the buffers) give exactly ``iter_records``' rows: ids, texts, meta, errors, order."""
+    from trace_ray.data.readers import _datasource_cls
+
+    rows = _plain_rows()
+    if variant == "ids":
+        for i, r in enumerate(rows):
+            r["id"] = ["", f"given-{i}", None][i % 3]
+    if variant == "mixed":  # blank responses, extra fields, meta: the batch falls back row by row
+        rows[3]["chosen"] = " \n "
+        rows[5]["source"] = "x"
+        rows[7]["meta"] = {"a": 1}
+    src = _datasource_cls().__new__(_datasource_cls())
+    src._fmt, src._pku_chosen, src._rows = "pairs", "better", 128
+    for kind in ("jsonl", "parquet"):
+        path = tmp_path / f"{variant}.{kind}"
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        with open(path, "rb") as f:
+            got = pa.concat_tables(list(src._read_stream(f, str(path)))).to_pylist()
+        assert got == list(iter_records(path, "pairs")), kind

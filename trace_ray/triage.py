@@ -139,35 +139,41 @@ def triage_table(policy: Policy, table) -> Any:
         codes[side], reasons[side] = check_columns(policy, Side(
             text["prompt"], text[side], active, side_meta, side_meta_rows(meta, side), answers))
     cv, rv = codes["chosen"], codes["rejected"]
-    categories = np.select([~active, cv == 0, (cv == 1) & (rv == 0), (cv == 1) & (rv == 1)],
-                           ["unresolved", "retain", "invert", "punish"], "unresolved")
-    verdicts = np.array(VERDICT_NAMES, dtype=object)
-    out_reasons = []
+    cat = {c: i for i, c in enumerate(CATEGORIES)}  # categorize(), on code arrays
+    category = np.select([~active, cv == 0, (cv == 1) & (rv == 0), (cv == 1) & (rv == 1)],
+                         [cat["unresolved"], cat["retain"], cat["invert"], cat["punish"]], cat["unresolved"])
     plain = json.dumps({"chosen": [], "rejected": []})
-    for i in range(n):
-        if errors[i] is not None:
-            out_reasons.append(json.dumps({"error": errors[i]}, ensure_ascii=False))
-        elif cv[i] == 0 and rv[i] == 0:
-            out_reasons.append(plain)
-        else:
-            out_reasons.append(json.dumps({"chosen": reasons["chosen"].get(i, []),
-                                           "rejected": reasons["rejected"].get(i, [])}, ensure_ascii=False))
+    out_reasons = [plain] * n
+    for i in np.flatnonzero(~active | (cv != 0) | (rv != 0)).tolist():
+        out_reasons[i] = json.dumps({"error": errors[i]} if errors[i] is not None else
+                                    {"chosen": reasons["chosen"].get(i, []), "rejected": reasons["rejected"].get(i, [])},
+                                    ensure_ascii=False)
     ids = col["id"]
-    missing_id = ~np.asarray(pc.fill_null(pc.not_equal(ids, ""), False).to_numpy(zero_copy_only=False), dtype=bool)
-    if missing_id.any():
+    missing = np.flatnonzero(~pc.fill_null(pc.not_equal(ids, ""), False).to_numpy(zero_copy_only=False))
+    if missing.size:  # a given id is kept, else the hash of the texts (as ``_norm``)
+        from trace_ray.data.columnar import row_ids
+
+        rows = pa.array(missing)
+        new_ids = row_ids(*(text[k].take(rows) for k in ("prompt", "chosen", "rejected"))).to_pylist()
         idl = ids.to_pylist()
-        p, c, r = (text[k].to_pylist() for k in ("prompt", "chosen", "rejected"))
-        for i in np.flatnonzero(missing_id).tolist():
-            idl[i] = row_id(p[i], c[i], r[i])
+        for i, v in zip(missing.tolist(), new_ids):
+            idl[i] = v
         ids = pa.array(idl, pa.string())
     return pa.table({
         "id": ids, "prompt": text["prompt"], "chosen": text["chosen"], "rejected": text["rejected"], "meta": meta,
-        "chosen_verdict": pa.array(np.where(active, verdicts[cv], "error").tolist(), pa.string()),
-        "rejected_verdict": pa.array(np.where(active, verdicts[rv], "error").tolist(), pa.string()),
+        "chosen_verdict": _names(np.where(active, cv, 2), VERDICT_NAMES),
+        "rejected_verdict": _names(np.where(active, rv, 2), VERDICT_NAMES),
         "reasons": pa.array(out_reasons, pa.string()),
-        "category": pa.array(categories.tolist(), pa.string()),
-        "policy": pa.array([policy.fingerprint] * n, pa.string()),
+        "category": _names(category, CATEGORIES),
+        "policy": _names(np.zeros(n, dtype=np.int8), [policy.fingerprint]),
     }, schema=TRIAGED)
+
+
+def _names(codes, names) -> Any:
+    """Small integer codes → the string column of their names (decoded by Arrow, not per row)."""
+    import pyarrow as pa
+
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(list(names), pa.string())).cast(pa.string())
 
 
 def _row_errors(col: dict, n: int) -> list:

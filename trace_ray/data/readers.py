@@ -96,19 +96,8 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
     kind = _kind(name)
     try:
         if kind in ("parquet", "arrow"):
-            data = stream.read()  # columnar files need random access
-            if kind == "parquet":
-                import pyarrow.parquet as pq
-
-                batches = pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=4096)
-            else:  # datasets' save_to_disk writes the IPC stream format; accept the file format too
-                try:
-                    batches = iter(pa.ipc.open_stream(pa.BufferReader(data)))
-                except pa.ArrowInvalid:
-                    reader = pa.ipc.open_file(pa.BufferReader(data))
-                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             i = 0
-            for batch in batches:
+            for batch in columnar_batches(stream.read(), kind):
                 for row in batch.to_pylist():
                     i += 1
                     yield f"{base}:row {i}", row, None
@@ -148,6 +137,23 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
     except (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile) as e:
         # a truncated .gz or a corrupt parquet file: keep what was read, record where it broke
         yield f"{base}:end", None, f"file is truncated or corrupt: {type(e).__name__}: {e}"
+
+
+def columnar_batches(data: bytes, kind: str, rows: int = 4096):
+    """Record batches of a Parquet file or of an Arrow IPC file / stream (``datasets``'
+    ``save_to_disk`` writes the stream format) held in ``data``."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=rows)
+        return
+    try:
+        stream = pa.ipc.open_stream(pa.BufferReader(data))
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(pa.BufferReader(data))
+        yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+        return
+    yield from stream
 
 
 def _open(path: str):
@@ -375,6 +381,9 @@ def _datasource_cls():
             self._fmt, self._pku_chosen, self._rows = fmt, pku_chosen, rows_per_block
 
         def _read_stream(self, f, path: str):
+            if self._fmt == "pairs" and _kind(path) in ("parquet", "arrow"):
+                yield from self._columnar(f, path)
+                return
             names = READ_SCHEMA.names
             cols: list[list] = [[] for _ in names]
             plain = self._fmt == "pairs"
@@ -390,6 +399,24 @@ def _datasource_cls():
                     cols = [[] for _ in names]
             if cols[0]:
                 yield pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=READ_SCHEMA)
+
+        def _columnar(self, f, path: str):
+            """Parquet / Arrow pairs: a whole batch at once when it is plain, else row by row
+            (exactly ``iter_objects`` + ``to_record``, with the same locations and errors)."""
+            from trace_ray.data.columnar import plain_pairs_table
+
+            base, i = os.path.basename(path), 0
+            try:
+                for batch in columnar_batches(f.read(), _kind(path), self._rows):
+                    table = plain_pairs_table(batch, READ_SCHEMA)
+                    if table is None:
+                        table = pa.Table.from_pylist([to_record(obj, "pairs", f"{base}:row {i + k + 1}")
+                                                      for k, obj in enumerate(batch.to_pylist())], schema=READ_SCHEMA)
+                    i += batch.num_rows
+                    yield table
+            except (OSError, EOFError, pa.ArrowException) as e:
+                err = f"file is truncated or corrupt: {type(e).__name__}: {e}"
+                yield pa.Table.from_pylist([to_record(None, "pairs", f"{base}:end", err)], schema=READ_SCHEMA)
 
     return PairsDatasource
 

@@ -1,0 +1,68 @@
+"""The ``pairs`` format a whole Arrow batch at a time (the readers' fast path).
+
+A batch whose columns are exactly ``prompt``, ``chosen``, ``rejected`` (+ ``id``), all strings,
+without nulls or blank responses, becomes canonical records without a Python object per row:
+the texts stay in Arrow, only the ids are hashed (from the Arrow buffers). Any other batch returns
+None and the row-by-row reader decides (``readers.to_record``), so the two paths agree on every
+row (``tests/test_readers.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PLAIN_COLUMNS = {"prompt", "chosen", "rejected", "id"}
+
+
+def row_ids(prompt, chosen, rejected) -> pa.Array:
+    """``schema.row_id`` of every row, hashed from the UTF-8 bytes in the Arrow buffers (no nulls)."""
+    cols = []
+    for arr in (prompt, chosen, rejected):
+        arr = arr.cast(pa.large_string()) if arr.type == pa.string() else arr
+        _, offsets, data = arr.buffers()
+        off = np.frombuffer(offsets, dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1].tolist()
+        cols.append((memoryview(data) if data is not None else memoryview(b""), off))
+    out = []
+    sep = b"\x1f"
+    for i in range(len(prompt)):
+        h = hashlib.sha256()
+        for data, off in cols:
+            h.update(data[off[i]: off[i + 1]])
+            h.update(sep)
+        out.append(h.hexdigest()[:16])
+    return pa.array(out, pa.string())
+
+
+def _blank(arr) -> bool:
+    """Any response that is empty or only whitespace (Python's ``str.isspace``)?"""
+    if arr.null_count:
+        return True
+    # only a text without an ASCII graphic character can be blank; check those few in Python
+    maybe = pc.invert(pc.match_substring_regex(arr, "[!-~]"))
+    rows = np.flatnonzero(maybe.to_numpy(zero_copy_only=False))
+    return any(not (v := arr[int(i)].as_py()) or v.isspace() for i in rows)
+
+
+def plain_pairs_table(batch, schema: pa.Schema):
+    """A ``RecordBatch`` / ``Table`` of plain pairs → a ``schema`` (``READ_SCHEMA``) table, or None
+    when any row needs the row-by-row reader (other columns, non-string types, nulls, blanks)."""
+    names = set(batch.schema.names)
+    if not {"prompt", "chosen", "rejected"} <= names <= PLAIN_COLUMNS:
+        return None
+    cols = {k: batch.column(k) for k in names}
+    if any(not (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)) for c in cols.values()):
+        return None
+    cols = {k: (c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c).cast(pa.string()) for k, c in cols.items()}
+    if cols["prompt"].null_count or _blank(cols["chosen"]) or _blank(cols["rejected"]):
+        return None
+    n = len(cols["prompt"])
+    ids = row_ids(cols["prompt"], cols["chosen"], cols["rejected"])
+    if "id" in cols:  # a given non-empty id is kept
+        given = cols["id"]
+        ids = pc.if_else(pc.fill_null(pc.not_equal(given, ""), False), given, ids)
+    return pa.table({"id": ids, "prompt": cols["prompt"], "chosen": cols["chosen"], "rejected": cols["rejected"],
+                     "meta": pa.array(["{}"] * n, pa.string()), "_error": pa.nulls(n, pa.string())}, schema=schema)
