@@ -1,7 +1,8 @@
 """Benchmark: rule triage at scale — Ray Data vs a plain loop vs the bare regex limit, same run.
 
-    .venv/bin/python benchmarks/triage.py                          # 1,000,000 and 100,000 pairs (~20 min)
-    .venv/bin/python benchmarks/triage.py --pairs 200000 --small 50000 --loop-rows 50000   # a quick look
+    .venv/bin/python benchmarks/triage.py                          # 1,000,000 and 100,000 pairs (~15 min idle)
+    .venv/bin/python benchmarks/triage.py --input parquet          # the same rows as Parquet shards
+    .venv/bin/python benchmarks/triage.py --pairs 200000 --small 50000 --loop-rows 20000   # a quick look
     .venv/bin/python benchmarks/triage.py --judge-pairs 16           # + the HF judge on CPU (SmolLM2)
 
 Data: ``--pairs`` generated preference pairs of realistic length: prompts of the real HH-RLHF test
@@ -14,12 +15,13 @@ rule). Each measurement runs in its own fresh process (clean memory figures):
   thread: Arrow's RE2 kernel (the vectorised engine; one pass per pattern) and the ``regex`` module
   (the row-wise engine), in rows/s (a row = both responses).
 - ``plain_loop``: ``iter_records`` + ``triage_records`` (the row-wise reference) + one
-  ``ParquetWriter``, one process, over ``--loop-rows`` rows (default: all).
+  ``ParquetWriter``, one process, over the first ``--loop-rows`` rows (default 100,000).
 - ``ray``: ``run_triage`` on a fresh local Ray with 1 and 2 CPUs, on ``--small`` and ``--pairs`` rows,
   after a warm-up run on one shard (worker start-up and imports excluded, as on a long-lived
   cluster). Peak RSS of the driver and of the Ray worker processes (sampled every 0.2 s).
-- ``equality``: the 2-CPU output of the largest run against the plain loop's output, row for row
-  (id, verdicts, reasons, category, meta), when the loop covered every row.
+- ``equality``: the 2-CPU output of the largest run against the row-wise reference
+  (``triage_records``) on EVERY row (2 processes, one shard at a time), row for row: id, meta,
+  verdicts, reasons, category.
 - ``hf_judge`` (``--judge-pairs N``): the HF judge (``configs/policies/hh_judge_smollm2.yaml``,
   SmolLM2-135M on CPU, 1 actor) end to end, model load included.
 
@@ -60,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--rows-per-shard", type=int, default=25_000, help="rows per input file (default 25000)")
     p.add_argument("--input", choices=["jsonl", "parquet"], default="jsonl", help="input file format (default jsonl)")
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="local Ray CPU counts to run (default 1 2)")
-    p.add_argument("--loop-rows", type=int, default=None, help="rows for the plain loop (default: all --pairs)")
+    p.add_argument("--loop-rows", type=int, default=100_000, help="rows for the plain loop (default 100000)")
+    p.add_argument("--no-equality", action="store_true", help="skip the row-for-row check of every row")
     p.add_argument("--judge-pairs", type=int, default=0, help="pairs for the HF judge measurement (default 0: skip)")
     p.add_argument("--policy", default=str(POLICY), help="rule policy YAML (default: the HH text policy)")
     p.add_argument("--data", default=str(HH), help="HH-RLHF file whose prompts/sentences make the text")
@@ -257,7 +260,8 @@ def cell_judge(spec: dict) -> dict:
                                            "per row; model load (~20 s) included"}
 
 
-CELLS = {"regex_limit": cell_regex_limit, "plain_loop": cell_plain_loop, "ray": cell_ray, "judge": cell_judge}
+CELLS = {"regex_limit": cell_regex_limit, "plain_loop": cell_plain_loop, "ray": cell_ray, "judge": cell_judge,
+         "equality": cell_equality}
 
 
 def run_cell(spec: dict) -> dict:
@@ -281,16 +285,44 @@ def subset(folder: Path, files: list[Path], rows: int, per_shard: int, name: str
     return sub
 
 
-def equality(ray_out: Path, loop_out: Path) -> dict:
-    """Row-for-row comparison of the Ray output folder and the plain loop's file (same order)."""
+EQ_COLUMNS = ["id", "meta", "chosen_verdict", "rejected_verdict", "reasons", "category"]
+
+
+def _rowwise_shard(args) -> "object":
+    """The row-wise reference's columns for one shard (a pool worker)."""
+    import pyarrow as pa
+
+    from trace_ray.data.readers import iter_records
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import triage_records
+
+    policy_path, shard = args
+    rows = triage_records(load_policy(policy_path), list(iter_records(shard, "pairs")))
+    return pa.Table.from_pylist([{k: r[k] for k in EQ_COLUMNS} for r in rows])
+
+
+def cell_equality(spec: dict) -> dict:
+    """Every row of the Ray output against the row-wise reference, in input order."""
+    from multiprocessing import get_context
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = ["id", "meta", "chosen_verdict", "rejected_verdict", "reasons", "category"]
-    a = pq.read_table(ray_out, columns=cols)
-    b = pq.read_table(loop_out, columns=cols)
-    same = a.num_rows == b.num_rows and a.equals(b)
-    return {"rows": a.num_rows, "identical": bool(same), "columns": cols,
-            "note": "the vectorised path (Ray, 2 CPUs) vs the row-wise reference (plain loop), every row"}
+    t = time.perf_counter()
+    with get_context("spawn").Pool(spec["processes"]) as pool:
+        want = pa.concat_tables(pool.map(_rowwise_shard, [(spec["policy"], f) for f in spec["shards"]]))
+    got = pq.read_table(spec["ray_out"], columns=EQ_COLUMNS)
+    same = got.num_rows == want.num_rows and got.equals(want.cast(got.schema))
+    bad = None
+    if not same and got.num_rows == want.num_rows:
+        for k in EQ_COLUMNS:
+            diff = [i for i, (a, b) in enumerate(zip(got[k].to_pylist(), want[k].to_pylist())) if a != b]
+            if diff:
+                bad = {"column": k, "rows": len(diff), "first": diff[0]}
+                break
+    return {"rows": got.num_rows, "identical": bool(same), "first_difference": bad, "columns": EQ_COLUMNS,
+            "reference_seconds": round(time.perf_counter() - t, 1),
+            "note": "Ray output (vectorised rules, 2 CPUs) vs triage_records (row-wise reference) on every row"}
 
 
 def main(argv=None) -> int:
@@ -326,12 +358,13 @@ def main(argv=None) -> int:
         for cpus in args.cpus:
             result["ray"].append(run_cell({"kind": "ray", "cpus": cpus, "policy": policy, "data": str(folders[n]),
                                            "warmup": str(warm), "out": str(work / f"out_{n}_{cpus}")}))
-    loop_rows = min(args.loop_rows or args.pairs, args.pairs)
+    loop_rows = min(args.loop_rows, args.pairs)
     result["plain_loop"] = run_cell({"kind": "plain_loop", "policy": policy, "data": str(work / "data"),
                                      "rows": loop_rows, "out": str(work / "loop.parquet")})
-    big = max(args.cpus)
-    if loop_rows == args.pairs:
-        result["equality"] = equality(work / f"out_{args.pairs}_{big}" / "triaged.parquet", work / "loop.parquet")
+    if not args.no_equality:
+        result["equality"] = run_cell({"kind": "equality", "policy": policy, "processes": max(args.cpus),
+                                       "shards": [str(f) for f in files],
+                                       "ray_out": str(work / f"out_{args.pairs}_{max(args.cpus)}" / "triaged.parquet")})
     if args.judge_pairs:
         jdir = subset(work, generate(work / "judge_data", args.judge_pairs, args.judge_pairs, "jsonl", args.data,
                                      args.seed + 1), args.judge_pairs, args.judge_pairs, "judge")

@@ -14,7 +14,10 @@ def register(subparsers) -> None:
             "Judge both responses of every preference pair with the new policy and file each pair as "
             "invert (chosen non-compliant, rejected compliant), punish (both non-compliant), retain "
             "(chosen compliant) or unresolved (malformed row or oracle error, kept with its reason). "
-            "Writes OUT/triaged.parquet and OUT/summary.json.\n\n"
+            "Writes OUT/triaged.parquet (a folder of Parquet part files written by the Ray Data workers, "
+            "plus _SUCCESS once complete) and OUT/summary.json; OUT may be an s3:// or gs:// URI. "
+            "Rules run vectorised (RE2 on Arrow columns where a pattern translates exactly; the "
+            "summary's 'engines' says which engine each rule used).\n\n"
             "example:\n  trace-ray triage --data ../shared/data/external/hh-rlhf_harmless-base_test.jsonl.gz "
             "\\\n    --policy configs/policies/hh_harmless_v2.yaml --out runs/triage_hh"
         ),
@@ -27,16 +30,21 @@ def register(subparsers) -> None:
                    help="input layout: pairs (prompt/chosen/rejected), pku (PKU-SafeRLHF columns), "
                         "hh (HH-RLHF transcripts); auto detects from the columns (default: auto)")
     p.add_argument("--policy", required=True, help="the new policy, a YAML file (see configs/policies/)")
-    p.add_argument("--out", required=True, help="output folder for triaged.parquet and summary.json")
+    p.add_argument("--out", required=True,
+                   help="output folder or s3:// / gs:// URI for triaged.parquet/ and summary.json (replaced if present)")
     p.add_argument("--pku-chosen", default="better", choices=["better", "safer", "authors"],
                    help="PKU only: which response is y_w — better_response_id, safer_response_id, or the "
                         "TRACE authors' rule (the safe one if exactly one is safe, else the safer) "
                         "(default: better)")
-    p.add_argument("--batch-size", type=int, default=1024,
-                   help="rows per map_batches call of the rule oracles (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=4096,
+                   help="rows read and triaged at once: one Ray Data block, one batch of the vectorised "
+                        "rules (default: 4096)")
     p.add_argument("--num-actors", type=int, default=None,
                    help="size of the LLM judge actor pool / vLLM engine count (default: the judge "
                         "rule's concurrency); ignored for rule-only policies")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="how often a task whose worker died is retried and a judge actor restarted "
+                        "(default: Ray Data's, without limit); every row still lands exactly once")
     p.add_argument("--address", default=None,
                    help="Ray cluster address to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,12 +65,16 @@ def run(args) -> int:
     if args.batch_size < 1:
         print("trace-ray triage: --batch-size must be positive", file=sys.stderr)
         return 2
+    if args.max_retries is not None and args.max_retries < 0:
+        print("trace-ray triage: --max-retries must be >= 0", file=sys.stderr)
+        return 2
     from trace_ray.triage import format_summary, run_triage
 
     try:
         summary = run_triage(args.data, policy, args.out, args.format, pku_chosen=args.pku_chosen,
                              batch_size=args.batch_size, num_actors=args.num_actors,
-                             show_progress=not args.no_progress, address=args.address)
+                             show_progress=not args.no_progress, address=args.address,
+                             max_retries=args.max_retries)
     except (ValueError, ImportError) as e:  # format detection, bad arguments, vllm missing
         print(f"trace-ray triage: {e}", file=sys.stderr)
         return 2

@@ -1,33 +1,37 @@
 """Python ``regex`` patterns → RE2 patterns for Arrow's kernels (``pyarrow.compute.extract_regex``).
 
-A rule's meaning is the ``regex`` module's (the row-wise path, ``RegexRule.evaluate``). The
-vectorised path runs RE2 over a whole Arrow column instead, so a pattern is translated here into
-RE2 syntax with the SAME matches. How equality is kept:
+A rule's meaning is the ``regex`` module's (the row-wise path, ``rules.decide``). The vectorised
+path runs RE2 over a whole Arrow column instead, so a pattern is translated here into RE2 syntax
+with the SAME matches. How equality is kept:
 
-- **Characters.** Every single-character item (a literal, a class ``[...]``, ``.``, ``\\w`` ...,
-  with the case-insensitive and dot-all flags in force) becomes an explicit RE2 class of code-point
-  ranges computed by running the ``regex`` module itself over every code point
-  (:func:`charset`). Unicode ``\\w``/``\\s``/``\\d`` and case folding are therefore the ``regex``
-  module's by construction, whatever RE2's own tables say.
-- **Structure.** Sequences, alternation (same order), groups, greedy and lazy repetition map one
-  to one, so RE2's leftmost-first match is the match the ``regex`` module finds: the named group
-  ``m`` spans exactly ``m.group(0)`` of the row-wise path.
-- **Zero-width items** RE2 lacks are rewritten where that is exact and otherwise dropped:
-  a look-behind of one character at the very start of the pattern becomes a consumed
-  ``(?:\\A|[^S])`` outside ``m`` (a look-ahead at the end likewise), a non-multiline ``$`` at the
-  end becomes ``\\n?\\z``; ``\\b``/``\\B`` use RE2's ASCII word boundary, which equals the
-  ``regex`` module's on every text that holds no non-ASCII word character (:data:`Translation.exactness`
-  ``"ascii_words"``). Anything else (a look-around elsewhere, ``$`` mid-pattern, atomic groups,
-  possessive or over-long repetition) is relaxed to something that matches MORE
-  (``"superset"``): such a rule's RE2 hits are then confirmed row by row with the ``regex`` module.
+- **Characters.** Every single-character item (a literal, a class ``[...]``, ``.``, ``\w`` ...,
+  under the case-insensitive and dot-all flags in force) becomes an explicit RE2 class of
+  code-point ranges computed by running the ``regex`` module itself over every code point
+  (:func:`charset`): Unicode ``\w``/``\s``/``\d`` and case folding are the ``regex`` module's by
+  construction, whatever RE2's own tables say.
+- **Structure.** Sequences, alternation (same order), groups, greedy and lazy repetition map one to
+  one, so RE2's leftmost-first match is the match the ``regex`` module finds: the named group ``m``
+  spans exactly the row-wise ``m.group(0)``.
+- **Zero-width items** RE2 lacks are rewritten where that is exact: a one-character look-behind at
+  the very start of the pattern becomes a consumed ``(?:\A|[^S])`` outside ``m`` (a look-ahead at
+  the end likewise), a non-multiline ``$`` at the end becomes ``\n?\z``. ``\b``/``\B`` use RE2's
+  ASCII word boundary, equal to the ``regex`` module's on every text without a non-ASCII word
+  character (``Translation.boundary``). Anything else (a look-around elsewhere, ``$`` mid-pattern,
+  atomic groups, possessive or over-long repetition) is relaxed to something that matches MORE
+  (``Translation.superset``): RE2's hits are then only candidates, confirmed row-wise.
 
-Patterns RE2 cannot express (back-references, conditionals, ``\\p{..}``, anything Python's own
+Each pattern comes four ways (:class:`Translation`): with exact Unicode classes or with *compact*
+ones (classes plus or minus the non-ASCII word characters, whichever is smaller: equal on texts
+without such characters, and far cheaper for RE2 to compile per batch), each with the group ``m``
+or as a *loose* prefilter (no group, ``\b`` dropped: a superset).
+
+Patterns RE2 cannot express (back-references, conditionals, ``\p{..}``, anything Python's own
 ``re`` parser rejects) raise :class:`Untranslatable`, and so do the shapes that make a
 backtracking engine explode (an unbounded repetition of something that itself repeats or
-alternates, e.g. ``(a|aa)+``): those rules stay on the ``regex`` module with its time bound, so both
-paths give the same ``error`` verdict when it runs out. Everywhere else RE2 decides in linear time.
+alternates, e.g. ``(a|aa)+``): those rules stay on the ``regex`` module with its time bound, so
+both paths give the same ``error`` verdict when it runs out.
 
-Imports: the standard library and ``regex`` (no pyarrow; :func:`re2_compiles` imports it).
+Imports: the standard library and ``regex`` (``re2_compiles`` imports pyarrow).
 """
 
 from __future__ import annotations
