@@ -126,22 +126,31 @@ def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed
 
 # ----------------------------------------------------------------------------------- memory
 class Peak:
-    """Peak RSS (MB) of this process and of the Ray worker processes below it, sampled every 0.2 s."""
+    """Peak RSS (MB) of this process and of the Ray worker processes below it, and the CPU seconds
+    this process and every process below it used (sampled every 0.2 s): on a shared machine the
+    CPU seconds show what the run cost where the wall time also shows who else ran."""
 
     def __init__(self):
         import psutil
 
         self.me = psutil.Process()
         self.driver = self.worker_max = self.worker_sum = 0.0
+        self.cpu0: dict[int, float] = {}
+        self.cpu1: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self):
+    def _sample(self, first: bool = False):
         self.driver = max(self.driver, self.me.memory_info().rss / 2**20)
         rss = []
-        for p in self.me.children(recursive=True):
+        for p in [self.me] + self.me.children(recursive=True):
             try:
-                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                t = p.cpu_times()
+                used = t.user + t.system
+                if first:
+                    self.cpu0[p.pid] = used
+                self.cpu1[p.pid] = used
+                if p is not self.me and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
                     rss.append(p.memory_info().rss / 2**20)
             except Exception:  # noqa: BLE001 - a process ended between listing and reading
                 pass
@@ -154,18 +163,20 @@ class Peak:
             self._sample()
 
     def __enter__(self):
-        self._sample()
+        self._sample(first=True)
         self._t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+        self._sample()
         return False
 
     def to_dict(self) -> dict:
+        cpu = sum(v - self.cpu0.get(pid, 0.0) for pid, v in self.cpu1.items())
         return {"driver_peak_rss_mb": round(self.driver, 1), "worker_peak_rss_mb": round(self.worker_max, 1),
-                "workers_sum_peak_rss_mb": round(self.worker_sum, 1)}
+                "workers_sum_peak_rss_mb": round(self.worker_sum, 1), "cpu_seconds": round(cpu, 2)}
 
 
 # ----------------------------------------------------------------------------------- cells
@@ -228,7 +239,9 @@ def cell_plain_loop(spec: dict) -> dict:
             w.write_table(pa.Table.from_pylist(triage_records(policy, buf), schema=TRIAGED))
             n += len(buf)
         secs = time.perf_counter() - t
-    return {"rows": n, "seconds": round(secs, 2), "rows_per_s": round(n / secs, 1), **mem.to_dict()}
+    m = mem.to_dict()
+    return {"rows": n, "seconds": round(secs, 2), "rows_per_s": round(n / secs, 1),
+            "rows_per_cpu_s": round(n / m["cpu_seconds"], 1), **m}
 
 
 def cell_ray(spec: dict) -> dict:
@@ -241,10 +254,12 @@ def cell_ray(spec: dict) -> dict:
         t = time.perf_counter()
         s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False)
         secs = time.perf_counter() - t
+    m = mem.to_dict()
     return {"rows": s["total"], "cpus": spec["cpus"], "seconds": round(secs, 2),
-            "rows_per_s": round(s["total"] / secs, 1), "counts": s["counts"], "engines": s["engines"],
+            "rows_per_s": round(s["total"] / secs, 1), "rows_per_cpu_s": round(s["total"] / m["cpu_seconds"], 1),
+            "counts": s["counts"], "engines": s["engines"],
             "part_files": len([f for f in os.listdir(Path(spec["out"]) / "triaged.parquet") if f.endswith(".parquet")]),
-            **mem.to_dict()}
+            **m}
 
 
 def cell_judge(spec: dict) -> dict:
@@ -258,10 +273,6 @@ def cell_judge(spec: dict) -> dict:
     return {"rows": s["total"], "seconds": round(secs, 1), "rows_per_s": round(s["total"] / secs, 3),
             "counts": s["counts"], "note": "1 HFJudge actor (SmolLM2-135M-Instruct, CPU, fp32), 2 generations "
                                            "per row; model load (~20 s) included"}
-
-
-CELLS = {"regex_limit": cell_regex_limit, "plain_loop": cell_plain_loop, "ray": cell_ray, "judge": cell_judge,
-         "equality": cell_equality}
 
 
 def run_cell(spec: dict) -> dict:
@@ -325,6 +336,10 @@ def cell_equality(spec: dict) -> dict:
             "note": "Ray output (vectorised rules, 2 CPUs) vs triage_records (row-wise reference) on every row"}
 
 
+CELLS = {"regex_limit": cell_regex_limit, "plain_loop": cell_plain_loop, "ray": cell_ray, "judge": cell_judge,
+         "equality": cell_equality}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cell:
@@ -372,8 +387,10 @@ def main(argv=None) -> int:
                                        "out": str(work / "judge_out")})
     loop = result["plain_loop"]["rows_per_s"]
     limit = result["regex_limit"]["re2_rows_per_s"]
+    loop_cpu = result["plain_loop"]["rows_per_cpu_s"]
     result["ratios"] = {f"ray_{r['rows']}_rows_{r['cpus']}cpu": {
         "rows_per_s": r["rows_per_s"], "x_plain_loop": round(r["rows_per_s"] / loop, 2),
+        "rows_per_cpu_s": r["rows_per_cpu_s"], "x_plain_loop_per_cpu_s": round(r["rows_per_cpu_s"] / loop_cpu, 2),
         "share_of_re2_limit_per_cpu": round(r["rows_per_s"] / (limit * r["cpus"]), 3)} for r in result["ray"]}
     by = {(r["rows"], r["cpus"]): r for r in result["ray"]}
     if len(sizes) == 2:

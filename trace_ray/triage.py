@@ -18,6 +18,7 @@ rewritten, so every input row is in the output exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -239,8 +240,6 @@ def run_triage(
     retried — without limit by default (Ray Data's own defaults), ``max_retries`` times when
     given — and its part file rewritten: every row lands exactly once.
     """
-    import ray.data
-
     from trace_ray import storage
     from trace_ray.data.readers import detect_format, list_files, read_pairs
     from trace_ray.ray_utils import ensure_ray
@@ -261,27 +260,15 @@ def run_triage(
     # the same remote args on read and rules, so that Ray fuses them into one task per file; rules
     # see one read block (`batch_size` rows) at a time
     retries = {} if max_retries is None else {"max_retries": max_retries}
-    ds = read_pairs(data, fmt, pku_chosen=pku_chosen, rows_per_block=batch_size, ray_remote_args=retries)
-    if policy.has_judge:
-        from trace_ray.policy.judge import add_judge_answers
+    with _data_context(show_progress):  # a Dataset keeps the DataContext it was created under
+        ds = read_pairs(data, fmt, pku_chosen=pku_chosen, rows_per_block=batch_size, ray_remote_args=retries)
+        if policy.has_judge:
+            from trace_ray.policy.judge import add_judge_answers
 
-        ds = add_judge_answers(ds, policy, num_actors=num_actors, max_retries=max_retries)
-    ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=None, **retries)
-
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size)
-    data_log = logging.getLogger("ray.data")
-    old_level = data_log.level
-    ctx.enable_progress_bars = show_progress
-    ctx.execution_options.preserve_order = True  # part files numbered in input order
-    ctx.target_max_block_size = BLOCK_BYTES  # blocks stay near one batch: bounded write-task memory
-    data_log.setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    try:
+            ds = add_judge_answers(ds, policy, num_actors=num_actors, max_retries=max_retries)
+        ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=None, **retries)
+        t0 = time.perf_counter()
         parts = write_triaged(ds, out, [r.name for r in policy.rules], ray_remote_args=retries)
-    finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
-        data_log.setLevel(old_level)
     elapsed = time.perf_counter() - t0
     result = parts["all"].to_dict()
     result.update({
@@ -296,6 +283,27 @@ def run_triage(
     })
     storage.write_text(storage.join(out, "summary.json"), json.dumps(result, indent=2, ensure_ascii=False))
     return result
+
+
+@contextlib.contextmanager
+def _data_context(show_progress: bool):
+    """Ray Data settings of a triage run, restored afterwards: progress bars or not, part files
+    numbered in input order, blocks near one batch (bounded write-task memory)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size)
+    data_log = logging.getLogger("ray.data")
+    old_level = data_log.level
+    ctx.enable_progress_bars = show_progress
+    ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = BLOCK_BYTES
+    data_log.setLevel(logging.WARNING)
+    try:
+        yield ctx
+    finally:
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+        data_log.setLevel(old_level)
 
 
 def format_summary(s: dict) -> str:

@@ -11,10 +11,13 @@ predicates, the callable, the judge answer) and two ways to execute it:
   settle:
 
   ========  =======================================================================================
-  ``re2``   regex / keywords rules whose patterns translate (``trace_ray.policy.re2``): Arrow's
-            RE2 kernel (``pyarrow.compute.extract_regex``) finds the match and its text in linear
-            time. Rows with a non-ASCII word character (``\\b`` rules) or an RE2 hit of a relaxed
-            pattern (``superset``) are decided row-wise.
+  ``re2``   regex / keywords rules whose patterns translate (``trace_ray.policy.re2``): one RE2
+            pass (``pyarrow.compute``) over each text with all such rules' patterns as a
+            prefilter, then each pattern's match text (``extract_regex``) on the rows it kept.
+            The compact classes are used unless over 5 % of a batch's texts hold a non-ASCII word
+            character (then the full-Unicode ones); rows where the translation in use is not
+            exact (such texts under compact classes or ``\\b``; an RE2 hit of a relaxed,
+            ``superset`` pattern) are decided row-wise.
   ``regex`` regex / keywords rules RE2 cannot take (back-references, ``(a|aa)+``-style shapes ...):
             ``decide`` per row, with the ``regex`` module's time bound.
   ``arrow`` meta rules: the batch's ``meta`` JSON is parsed by Arrow into typed columns and the
