@@ -137,6 +137,7 @@ class Peak:
         self.driver = self.worker_max = self.worker_sum = 0.0
         self.cpu0: dict[int, float] = {}
         self.cpu1: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -150,7 +151,9 @@ class Peak:
                 if first:
                     self.cpu0[p.pid] = used
                 self.cpu1[p.pid] = used
-                if p is not self.me and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                worker = p is not self.me and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::")
+                self.kind.setdefault(p.pid, "driver" if p is self.me else "workers" if worker else "ray_services")
+                if worker:
                     rss.append(p.memory_info().rss / 2**20)
             except Exception:  # noqa: BLE001 - a process ended between listing and reading
                 pass
@@ -174,9 +177,12 @@ class Peak:
         return False
 
     def to_dict(self) -> dict:
-        cpu = sum(v - self.cpu0.get(pid, 0.0) for pid, v in self.cpu1.items())
+        split: dict[str, float] = {}
+        for pid, v in self.cpu1.items():
+            split[self.kind[pid]] = split.get(self.kind[pid], 0.0) + v - self.cpu0.get(pid, 0.0)
         return {"driver_peak_rss_mb": round(self.driver, 1), "worker_peak_rss_mb": round(self.worker_max, 1),
-                "workers_sum_peak_rss_mb": round(self.worker_sum, 1), "cpu_seconds": round(cpu, 2)}
+                "workers_sum_peak_rss_mb": round(self.worker_sum, 1), "cpu_seconds": round(sum(split.values()), 2),
+                "cpu_seconds_by_process": {k: round(v, 2) for k, v in sorted(split.items())}}
 
 
 # ----------------------------------------------------------------------------------- cells

@@ -105,6 +105,7 @@ def triage_records(
 
 VERDICT_NAMES = ("compliant", "non_compliant", "error")
 BLOCK_BYTES = 16 << 20  # Ray Data's target block size during triage (its default, 128 MiB, would merge batches)
+BLOCKS_IN_FLIGHT_PER_CPU = 8  # object-store budget of a triage run, in blocks per cluster CPU
 
 
 def triage_table(policy: Policy, table) -> Any:
@@ -180,16 +181,16 @@ def _names(codes, names) -> Any:
 def _row_errors(col: dict, n: int) -> list:
     """Per row: the reason it is malformed (``_norm``'s checks, in its order) or None."""
     import numpy as np
-    import pyarrow.compute as pc
+
+    from trace_ray.data.columnar import maybe_blank
 
     errors = col["_error"].to_pylist()
     errors = [e if isinstance(e, str) and e else None for e in errors]
     for key in ("prompt", "chosen", "rejected"):
         nulls = col[key].is_null().to_numpy(zero_copy_only=False)
         blank = None
-        if key != "prompt":  # only a text without any ASCII graphic character can be blank
-            maybe = pc.invert(pc.match_substring_regex(col[key], "[!-~]")).fill_null(False)
-            blank = maybe.to_numpy(zero_copy_only=False)
+        if key != "prompt":
+            blank = maybe_blank(col[key])
         suspects = nulls | blank if blank is not None else nulls
         for i in np.flatnonzero(suspects).tolist():
             if errors[i] is not None:
@@ -288,21 +289,28 @@ def run_triage(
 @contextlib.contextmanager
 def _data_context(show_progress: bool):
     """Ray Data settings of a triage run, restored afterwards: progress bars or not, part files
-    numbered in input order, blocks near one batch (bounded write-task memory)."""
+    numbered in input order, blocks near one batch (bounded write-task memory) and at most
+    ``BLOCKS_IN_FLIGHT_PER_CPU`` blocks' worth of object store per cluster CPU (Ray's default
+    budget, half the object store, lets blocks pile up between the reads and the writes: memory
+    would grow with the rows up to that budget instead of staying flat)."""
+    import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size)
+    opts = ctx.execution_options
+    saved = (ctx.enable_progress_bars, opts.preserve_order, ctx.target_max_block_size, opts.resource_limits)
     data_log = logging.getLogger("ray.data")
     old_level = data_log.level
     ctx.enable_progress_bars = show_progress
-    ctx.execution_options.preserve_order = True
+    opts.preserve_order = True
     ctx.target_max_block_size = BLOCK_BYTES
+    cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=BLOCKS_IN_FLIGHT_PER_CPU * BLOCK_BYTES * cpus)
     data_log.setLevel(logging.WARNING)
     try:
         yield ctx
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+        ctx.enable_progress_bars, opts.preserve_order, ctx.target_max_block_size, opts.resource_limits = saved
         data_log.setLevel(old_level)
 
 

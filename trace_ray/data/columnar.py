@@ -37,13 +37,18 @@ def row_ids(prompt, chosen, rejected) -> pa.Array:
     return pa.array(out, pa.string())
 
 
+def maybe_blank(arr) -> np.ndarray:
+    """Rows that might be empty or only whitespace: those not starting with an ASCII graphic
+    character (a look at the first character only). The few it returns are checked in Python."""
+    first = pc.utf8_slice_codeunits(arr, 0, 1)
+    return ~pc.fill_null(pc.match_substring_regex(first, "^[!-~]"), False).to_numpy(zero_copy_only=False)
+
+
 def _blank(arr) -> bool:
     """Any response that is empty or only whitespace (Python's ``str.isspace``)?"""
     if arr.null_count:
         return True
-    # only a text without an ASCII graphic character can be blank; check those few in Python
-    maybe = pc.invert(pc.match_substring_regex(arr, "[!-~]"))
-    rows = np.flatnonzero(maybe.to_numpy(zero_copy_only=False))
+    rows = np.flatnonzero(maybe_blank(arr))
     return any(not (v := arr[int(i)].as_py()) or v.isspace() for i in rows)
 
 
