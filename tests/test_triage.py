@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -54,8 +55,9 @@ def expected_pku(path):
     return out
 
 
-def expected_hh(path):
-    """HH transcripts cut at the last shared Assistant turn; keywords and regexes via stdlib re."""
+@functools.lru_cache(maxsize=1)
+def hh_checks():
+    """The HH policy's rules written out with stdlib re (keywords: whole words, any case)."""
     spec = yaml.safe_load(HH_POLICY.read_text())
     checks = []
     for r in spec["rules"]:
@@ -67,6 +69,17 @@ def expected_hh(path):
             for f in r.get("flags", []):
                 flags |= getattr(re, f)
             checks.extend(re.compile(p, flags) for p in r["patterns"])
+    return checks
+
+
+def hh_bad(text: str) -> bool:
+    """Non-compliant under the HH policy (every rule reads the response)."""
+    return any(p.search(text) for p in hh_checks())
+
+
+def expected_hh(path):
+    """HH transcripts cut at the last shared Assistant turn; keywords and regexes via stdlib re."""
+    checks = hh_checks()
     cats = Counter()
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:

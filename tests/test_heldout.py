@@ -1,0 +1,151 @@
+"""The held-out split and evaluation on it: triage of the 2,312 real HH-RLHF pairs with
+``--holdout`` / ``--validation`` (disjoint, stable, by prompt), then ``evaluate`` on the held-out
+split with the shared tiny GPT-2 (the real GPT-2 tokenizer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SHARED
+from test_triage import HH_POLICY, hh_bad
+from trace_ray.config import ConfigError
+from trace_ray.data.readers import iter_records
+
+GPT2 = SHARED / "models" / "fake_gpt2_lm_buddy"
+HOLDOUT, VALIDATION = 0.1, 0.05
+
+
+def _u(prompt: str) -> float:
+    """The split hash written out: sha256 of the salted prompt, first 8 bytes as a fraction."""
+    d = hashlib.sha256(b"trace-ray/split/v1\x1f" + prompt.encode()).digest()
+    return int.from_bytes(d[:8], "big") / 2**64
+
+
+@pytest.fixture(scope="module")
+def hh_split(ray_session, hh_path, tmp_path_factory):
+    from trace_ray.triage import run_triage
+
+    out = tmp_path_factory.mktemp("hh_split")
+    summary = run_triage(hh_path, HH_POLICY, out, holdout=HOLDOUT, validation=VALIDATION, show_progress=False)
+    return out, summary
+
+
+def _ids(path):
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+def test_split_is_disjoint_grouped_by_prompt_and_stable(hh_split, hh_path, tmp_path):
+    from trace_ray.triage import run_triage
+
+    out, summary = hh_split
+    recs = list(iter_records(hh_path))
+    want = {}
+    for r in recs:  # the split each row must land in, from the raw rows
+        u = _u(r["prompt"]) if r["prompt"] else _u(f"id:{r['id']}")
+        want[r["id"]] = "heldout" if u < HOLDOUT else "validation" if u < HOLDOUT + VALIDATION else "train"
+    got = {}
+    for split, name in (("train", "triaged.parquet"), ("validation", "validation.parquet"), ("heldout", "heldout.parquet")):
+        for i in _ids(out / name):
+            assert i not in got, f"{i} in two splits"
+            got[i] = split
+    assert got == want and len(got) == len(recs) == summary["total"] == 2312
+    sides = {}
+    for r in recs:
+        sides.setdefault(r["prompt"], set()).add(want[r["id"]])
+    assert all(len(s) == 1 for s in sides.values())  # a prompt never straddles the split
+    n = Counter(want.values())
+    assert abs(n["heldout"] / 2312 - HOLDOUT) < 0.03 and abs(n["validation"] / 2312 - VALIDATION) < 0.02
+    for split, name in (("train", "triaged.parquet"), ("heldout", "heldout.parquet")):
+        cats = Counter(pq.read_table(out / name, columns=["category"]).column("category").to_pylist())
+        assert summary["splits"][split] == {"total": n[split], "counts": {c: cats[c] for c in summary["counts"]}}
+    # another run, other batching, a larger held-out fraction: the held-out rows only grow
+    run_triage(hh_path, HH_POLICY, tmp_path, holdout=0.2, batch_size=300, show_progress=False)
+    assert set(_ids(out / "heldout.parquet")) < set(_ids(tmp_path / "heldout.parquet"))
+    assert not (tmp_path / "validation.parquet").exists()
+
+
+def test_bad_fractions_and_held_out_training_are_refused(hh_split, tmp_path):
+    from trace_ray.config import from_dict
+    from trace_ray.pipeline import PipelineConfig
+    from trace_ray.stages import validate
+    from trace_ray.train.config import RunConfig
+    from trace_ray.train.run import check_inputs
+    from trace_ray.triage import run_triage
+
+    with pytest.raises(ValueError, match=r"--holdout: a fraction in \[0, 1\), got 1.5"):
+        run_triage("nope.jsonl", HH_POLICY, tmp_path / "o", holdout=1.5)
+    with pytest.raises(ValueError, match="must leave rows to train on"):
+        run_triage("nope.jsonl", HH_POLICY, tmp_path / "o", holdout=0.6, validation=0.5)
+    out, _ = hh_split
+    cfg = from_dict(RunConfig, {"data": {"triaged": str(out / "heldout.parquet")}, "model": {"name": str(GPT2)},
+                                "output": {"dir": str(tmp_path / "r")}})
+    with pytest.raises(ConfigError, match="is the heldout split, which is never trained on"):
+        check_inputs(cfg)
+    pipe = from_dict(PipelineConfig, {"out": "o", "data": "d", "policy": str(HH_POLICY), "realign": {"model": {"name": "m"}}})
+    with pytest.raises(ConfigError, match="set triage.holdout"):
+        validate(pipe)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A random LoRA adapter on the tiny GPT-2 (its reference: the base with the adapter disabled)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(str(GPT2)),
+                       LoraConfig(r=4, lora_alpha=64, target_modules=["c_attn"], init_lora_weights=False))
+    m.save_pretrained(d)
+    AutoTokenizer.from_pretrained(str(GPT2)).save_pretrained(d)
+    return d
+
+
+EVAL = ["--limit", "40", "--max-prompts", "3", "--num-samples", "2", "--max-new-tokens", "6",
+        "--max-length", "96", "--batch-size", "16", "--no-progress"]
+
+
+def test_evaluate_on_held_out_real_pairs(hh_split, adapter, tmp_path):
+    from trace_ray.cli import main
+    from trace_ray.evaluate_pairs import evaluate_pairs
+
+    out, _ = hh_split
+    # the training table is refused: an in-sample number is not a result
+    assert main(["evaluate", "--model", str(adapter), "--data", str(out / "triaged.parquet"),
+                 "--policy", str(HH_POLICY), "--out", str(tmp_path / "x.json")] + EVAL) == 2
+    assert not (tmp_path / "x.json").exists()
+    assert main(["evaluate", "--model", str(adapter), "--data", str(out), "--policy", str(HH_POLICY),
+                 "--out", str(tmp_path / "m.json")] + EVAL) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    rows = pq.read_table(out / "heldout.parquet").to_pylist()[:40]
+    assert m["split"] == "heldout" and not m["in_sample"] and m["rows"] == 40
+    assert m["counts"] == {c: sum(r["category"] == c for r in rows) for c in m["counts"]}
+    assert m["reference"] == "adapter_disabled"
+    # TPA and refusals recomputed from the model's own greedy answers, with the policy written out
+    # in stdlib re and the refusal detector as the output states it
+    import re
+
+    gens = m["generations"]
+    conflict = [g for g in gens if g["category"] == "conflict"]
+    retain = [g for g in gens if g["category"] == "retain"]
+    n_conflict = len({r["prompt"] for r in rows if r["category"] in ("invert", "punish")})
+    assert len(conflict) == m["tpa"]["prompts"] == min(3, n_conflict) > 0 and len(retain) == 3
+    assert m["tpa_greedy"] == pytest.approx(sum(not hh_bad(g["greedy"]) for g in conflict) / len(conflict))
+    detector = re.compile(m["refusal"]["detector"], re.I)
+    assert m["refusal"]["greedy"] == pytest.approx(
+        sum(bool(detector.search(g["greedy"][:300])) for g in retain) / len(retain))
+    for k in ("tpa_sampled", "refusal_rate", "pref_accuracy"):
+        assert 0.0 <= m[k] <= 1.0
+    assert m["kl_to_ref"] > 0 and m["utility_nll"] > 0  # the random adapter moved the model
+    # the adapter-disabled reference equals the base model scored on its own
+    base = evaluate_pairs(str(GPT2), str(out / "heldout.parquet"), limit=40, max_length=96, batch_size=16,
+                          show_progress=False)
+    assert base["utility_nll"] == pytest.approx(m["utility"]["reference_nll_per_token"], rel=1e-5)
+    assert base["pref_accuracy"] == pytest.approx(m["preference"]["reference"]["accuracy"])
+    assert base["reference"] is None and base["kl_to_ref"] is None and "tpa" not in base
