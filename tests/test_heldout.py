@@ -111,7 +111,18 @@ EVAL = ["--limit", "40", "--max-prompts", "3", "--num-samples", "2", "--max-new-
         "--max-length", "96", "--batch-size", "16", "--no-progress"]
 
 
-def test_evaluate_on_held_out_real_pairs(hh_split, adapter, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(hh_split, adapter, tmp_path_factory):
+    """``trace-ray evaluate`` of the adapter on the held-out split (a triage output folder as --data)."""
+    from trace_ray.cli import main
+
+    path = tmp_path_factory.mktemp("eval") / "metrics.json"
+    assert main(["evaluate", "--model", str(adapter), "--data", str(hh_split[0]), "--policy", str(HH_POLICY),
+                 "--out", str(path)] + EVAL) == 0
+    return path
+
+
+def test_evaluate_on_held_out_real_pairs(hh_split, adapter, evaluated, tmp_path):
     from trace_ray.cli import main
     from trace_ray.evaluate_pairs import evaluate_pairs
 
@@ -120,9 +131,7 @@ def test_evaluate_on_held_out_real_pairs(hh_split, adapter, tmp_path):
     assert main(["evaluate", "--model", str(adapter), "--data", str(out / "triaged.parquet"),
                  "--policy", str(HH_POLICY), "--out", str(tmp_path / "x.json")] + EVAL) == 2
     assert not (tmp_path / "x.json").exists()
-    assert main(["evaluate", "--model", str(adapter), "--data", str(out), "--policy", str(HH_POLICY),
-                 "--out", str(tmp_path / "m.json")] + EVAL) == 0
-    m = json.loads((tmp_path / "m.json").read_text())
+    m = json.loads(evaluated.read_text())
     rows = pq.read_table(out / "heldout.parquet").to_pylist()[:40]
     assert m["split"] == "heldout" and not m["in_sample"] and m["rows"] == 40
     assert m["counts"] == {c: sum(r["category"] == c for r in rows) for c in m["counts"]}
@@ -149,3 +158,52 @@ def test_evaluate_on_held_out_real_pairs(hh_split, adapter, tmp_path):
     assert base["utility_nll"] == pytest.approx(m["utility"]["reference_nll_per_token"], rel=1e-5)
     assert base["pref_accuracy"] == pytest.approx(m["preference"]["reference"]["accuracy"])
     assert base["reference"] is None and base["kl_to_ref"] is None and "tpa" not in base
+
+
+def test_report_of_a_real_run(hh_split, evaluated, tmp_path):
+    """A short real training run on conflict rows of the HH training split, then `trace-ray report`:
+    the numbers in report.json / report.html are those of the run's own files."""
+    import pyarrow as pa
+
+    from trace_ray.cli import main
+    from trace_ray.train import train_local
+
+    out, summary = hh_split
+    rows = pq.read_table(out / "triaged.parquet").to_pylist()
+    subset = [r for r in rows if r["category"] in ("invert", "punish")][:24] + [r for r in rows if r["category"] == "retain"][:4]
+    triaged = tmp_path / "triaged.parquet"
+    pq.write_table(pa.Table.from_pylist(subset), triaged)
+    run = tmp_path / "run"
+    train_local({"data": {"triaged": str(triaged), "max_length": 48}, "output": {"dir": str(run)},
+                 "model": {"name": str(GPT2), "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}},
+                 "impact": {"weights": "impact", "method": "fd", "gold_size": 6, "batch_size": 8},
+                 "train": {"batch_size": 8, "max_steps": 2, "seed": 0}, "logging": {"progress": False}})
+    assert main(["report", "--run", str(run), "--triage", str(out), "--metrics", f"trace={evaluated}",
+                 "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    html = (tmp_path / "rep" / "report.html").read_text()
+    w = pq.read_table(run / "weights.parquet").to_pydict()
+    weights = dict(zip(w["id"], w["weight"]))
+    cat = {r["id"]: r["category"] for r in subset}
+    assert len(weights) == 24
+    for c in ("invert", "punish"):
+        ws = [x for i, x in weights.items() if cat[i] == c]
+        got = rep["run"]["weights_by_category"][c]
+        assert got["n"] == len(ws) and got["zero_share"] == sum(x == 0 for x in ws) / len(ws)
+    ranked = sorted(weights, key=lambda i: (-weights[i], i))  # highest first
+    top = ranked[:10]
+    assert [s["id"] for s in rep["run"]["weighted_samples"]["top"]] == top
+    assert [s["id"] for s in rep["run"]["weighted_samples"]["bottom"]] == ranked[::-1][:10]
+    best = next(r for r in subset if r["id"] == top[0])
+    import html as H
+
+    assert H.escape(best["chosen"][:300]) in html
+    for name, hits in summary["rule_hits"].items():
+        assert f"<td>{name}</td><td>{hits['chosen']}</td><td>{hits['rejected']}</td>" in html
+    curves = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rep["methods"]["trace"]["runs"][0]["curves"] == curves and len(curves) == 2
+    m = json.loads(evaluated.read_text())
+    assert rep["methods"]["trace"]["mean"]["tpa_greedy"] == m["tpa_greedy"]
+    assert f"<td>utility.nll_per_token</td><td>{m['utility']['nll_per_token']:.4g}</td>" in html
+    for png in ("training.png", "weights_by_category.png", "losses.png", "triage.png"):
+        assert png in html and (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
