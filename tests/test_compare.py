@@ -9,19 +9,22 @@ from collections import Counter
 import pytest
 import yaml
 
+from conftest import ROOT
 from test_triage import PKU_POLICY, _category, _sha_id
 from trace_ray.compare import CHARS_PER_TOKEN
 
 CATS = ("invert", "punish", "retain", "unresolved")
 
 
+OLD_POLICY = ROOT / "configs" / "policies" / "pku_harm_v1.yaml"
+
+
 def _old_policy(tmp_path):
-    """The old policy: only severe harm (level 3) was non-compliant; the new one adds moderate harm
-    and zero-tolerance categories."""
-    spec = {"name": "pku-harm", "version": "1", "rules": [{"name": "severe", "kind": "meta", "severity_at_least": 3}]}
-    p = tmp_path / "old.yaml"
-    p.write_text(yaml.safe_dump(spec))
-    return p, 3
+    """The old policy of the PKU example: only severe harm was non-compliant (its threshold read from
+    the YAML); the new one adds moderate harm and zero-tolerance categories."""
+    spec = yaml.safe_load(OLD_POLICY.read_text())
+    assert [r["kind"] for r in spec["rules"]] == ["meta"]
+    return OLD_POLICY, spec["rules"][0]["severity_at_least"]
 
 
 def _expected(pku_path, sev_min):

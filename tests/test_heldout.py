@@ -207,3 +207,42 @@ def test_report_of_a_real_run(hh_split, evaluated, tmp_path):
     assert f"<td>utility.nll_per_token</td><td>{m['utility']['nll_per_token']:.4g}</td>" in html
     for png in ("training.png", "weights_by_category.png", "losses.png", "triage.png"):
         assert png in html and (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def _as_folder(rows, folder):
+    """Rows as a Spark-style folder of part files with a _SUCCESS marker (Ray Data's writers)."""
+    import pyarrow as pa
+
+    from trace_ray.data.schema import TRIAGED
+
+    folder.mkdir()
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part, schema=TRIAGED), folder / f"part-{i:05d}.parquet")
+    (folder / "_SUCCESS").write_text("")
+    return folder
+
+
+def test_readers_of_triage_outputs_accept_a_folder_of_parts(hh_split, tmp_path):
+    from trace_ray.config import from_dict
+    from trace_ray.evaluate_pairs import evaluate_pairs
+    from trace_ray.train.config import RunConfig
+    from trace_ray.train.data import prepare_records
+    from trace_ray.train.run import check_inputs, gold_records
+
+    out, _ = hh_split
+    train = pq.read_table(out / "triaged.parquet").to_pylist()[:60]
+    folder = _as_folder(train, tmp_path / "triaged.parquet")
+    cfg = from_dict(RunConfig, {"data": {"triaged": str(folder)}, "model": {"name": str(GPT2)},
+                                "output": {"dir": str(tmp_path / "r")}})
+    info = check_inputs(cfg)
+    assert info["counts"] == {c: sum(r["category"] == c for r in train) for c in info["counts"]}
+    used = [r["id"] for r in train if r["category"] in ("invert", "punish", "retain")]
+    assert [r["id"] for r in prepare_records(cfg)] == used
+    assert gold_records(cfg)
+    held = pq.read_table(out / "heldout.parquet").to_pylist()[:20]
+    hfolder = _as_folder(held, tmp_path / "heldout.parquet")
+    m = evaluate_pairs(str(GPT2), str(hfolder), limit=20, max_length=64, batch_size=16, show_progress=False)
+    assert m["split"] == "heldout" and m["counts"] == {c: sum(r["category"] == c for r in held) for c in m["counts"]}
+    with pytest.raises(ValueError, match="is the training table"):
+        evaluate_pairs(str(GPT2), str(folder))

@@ -31,6 +31,11 @@ def _short(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
+def _tail(text: str, n: int = 200) -> str:
+    """The end of a prompt (a conversation's last turns are what matter)."""
+    return text if len(text) <= n else "…" + text[-n:]
+
+
 class Movement:
     """The 4×4 table (old category → new category), examples per move, and the work estimate."""
 
@@ -59,7 +64,7 @@ class Movement:
             move = f"{old}→{new}"
             if old != new and len(self.examples.setdefault(move, [])) < self.k:
                 self.examples[move].append({
-                    "id": r["id"], "prompt": _short(transcript(r["prompt"])[-300:]),
+                    "id": r["id"], "prompt": _tail(transcript(r["prompt"])),
                     "chosen": _short(r["chosen"]), "rejected": _short(r["rejected"]),
                     "old_reasons": json.loads(r["old_reasons"]), "new_reasons": json.loads(r["reasons"]),
                 })
