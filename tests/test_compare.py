@@ -7,54 +7,34 @@ import json
 from collections import Counter
 
 import pytest
-import yaml
 
 from conftest import ROOT
-from test_triage import PKU_POLICY, _category, _sha_id
+from test_triage import PKU_POLICY, _category, pku_bad, pku_policy_terms, pku_rows
 from trace_ray.compare import CHARS_PER_TOKEN
 
 CATS = ("invert", "punish", "retain", "unresolved")
 
 
-OLD_POLICY = ROOT / "configs" / "policies" / "pku_harm_v1.yaml"
+OLD_POLICY = ROOT / "configs" / "policies" / "pku_harm_v1.yaml"  # only severe harm was non-compliant
 
 
-def _old_policy(tmp_path):
-    """The old policy of the PKU example: only severe harm was non-compliant (its threshold read from
-    the YAML); the new one adds moderate harm and zero-tolerance categories."""
-    spec = yaml.safe_load(OLD_POLICY.read_text())
-    assert [r["kind"] for r in spec["rules"]] == ["meta"]
-    return OLD_POLICY, spec["rules"][0]["severity_at_least"]
-
-
-def _expected(pku_path, sev_min):
+def _expected(pku_path):
     """(old category, new category, prompt, chosen, rejected) per row, both policies written out."""
-    new_spec = yaml.safe_load(PKU_POLICY.read_text())
-    new_min = next(r["severity_at_least"] for r in new_spec["rules"] if "severity_at_least" in r)
-    zero = set(next(r["harm_category"] for r in new_spec["rules"] if "harm_category" in r))
+    old_min, old_zero = pku_policy_terms(OLD_POLICY)
+    new_min, new_zero = pku_policy_terms(PKU_POLICY)
     out = {}
-    for line in pku_path.read_text().splitlines():
-        row = json.loads(line)
-        c = row["better_response_id"]
-
-        def sev(i, at_least=sev_min):
-            return row[f"response_{i}_severity_level"] >= at_least
-
-        def new_bad(i):
-            return sev(i, new_min) or bool({k for k, v in row[f"response_{i}_harm_category"].items() if v} & zero)
-
-        key = _sha_id(row["prompt"], row[f"response_{c}"], row[f"response_{1 - c}"])
-        out[key] = (_category(sev(c), sev(1 - c)), _category(new_bad(c), new_bad(1 - c)),
-                    row["prompt"], row[f"response_{c}"], row[f"response_{1 - c}"])
+    for key, row, c in pku_rows(pku_path):
+        old = _category(pku_bad(row, c, old_min, old_zero), pku_bad(row, 1 - c, old_min, old_zero))
+        new = _category(pku_bad(row, c, new_min, new_zero), pku_bad(row, 1 - c, new_min, new_zero))
+        out[key] = (old, new, row["prompt"], row[f"response_{c}"], row[f"response_{1 - c}"])
     return out
 
 
 def test_compare_table_examples_and_work(ray_session, pku_path, tmp_path, capsys):
     from trace_ray.cli import main
 
-    old, sev_min = _old_policy(tmp_path)
-    want = _expected(pku_path, sev_min)
-    assert main(["triage", "--data", str(pku_path), "--policy", str(PKU_POLICY), "--compare", str(old),
+    want = _expected(pku_path)
+    assert main(["triage", "--data", str(pku_path), "--policy", str(PKU_POLICY), "--compare", str(OLD_POLICY),
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     c = json.loads((tmp_path / "o" / "compare.json").read_text())

@@ -99,6 +99,9 @@ def _scores(nets: _Nets, tok, records: list[dict], *, max_length: int, batch_siz
     from trace_ray.logprobs import encode_pairs, forward_logps, logits_mask, response_lengths, select_rows
     from trace_ray.losses import forward_kl
 
+    # batches of similar length (less padding); the lists come back in the records' order
+    order = sorted(range(len(records)), key=lambda i: sum(len(str(records[i][k])) for k in ("prompt", "chosen", "rejected")))
+    records = [records[i] for i in order]
     out: dict[str, list] = {k: [] for k in ("m_c", "m_r", "r_c", "r_r", "n_c", "n_r", "kl")}
     for s in range(0, len(records), batch_size):
         batch = records[s : s + batch_size]
@@ -123,7 +126,8 @@ def _scores(nets: _Nets, tok, records: list[dict], *, max_length: int, batch_siz
                         ref_logits = forward_logps(ref, sub, return_logits=True)[1]
                     mask = logits_mask(sub["loss_mask"]).to(pol_logits.device)
                     out["kl"] += forward_kl(ref_logits, pol_logits, mask).tolist()
-    return out
+    back = sorted(range(len(order)), key=order.__getitem__)  # position of each original record
+    return {k: [v[j] for j in back] if v else v for k, v in out.items()}
 
 
 def _oracle(policy, state: dict):
@@ -150,7 +154,7 @@ def _behaviour(net, tok, prompts: list[str], check, *, num_samples, temperature,
     """Greedy and sampled answers on ``prompts`` with the oracle's verdicts and the refusal flags."""
     from trace_ray.evaluate import generate
 
-    kw = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    kw = dict(max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, by_length=True)
     greedy = [g[0] for g in generate(net, tok, prompts, do_sample=False, **kw)]
     sampled = generate(net, tok, prompts, do_sample=True, num_samples=num_samples, temperature=temperature, **kw)
     flat_p = [p for p, s in zip(prompts, sampled) for _ in s]

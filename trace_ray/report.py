@@ -107,22 +107,27 @@ def plot_triage(results: dict, path: Path) -> Path | None:
     return path
 
 
-def plot_weights(results: dict, path: Path) -> Path | None:
-    series = {n: w for n, m in results["methods"].items() for r in m.get("runs", [])[:1] if (w := r.get("weights"))}
+def histograms(series: dict[str, list[float]], path: Path, xlabel: str, title: str) -> Path | None:
+    """Overlaid histograms, one per labelled series (None when there is nothing to plot)."""
     if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
-    for name, w in series.items():
-        ax.hist(w, bins=30, alpha=0.6, label=name)
-    ax.set_xlabel("weight w_i (invert + punish pairs)")
+    for label, xs in series.items():
+        ax.hist(xs, bins=30, alpha=0.6, label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("pairs")
-    ax.set_title("Alignment-impact weights")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_weights(results: dict, path: Path) -> Path | None:
+    series = {n: w for n, m in results["methods"].items() for r in m.get("runs", [])[:1] if (w := r.get("weights"))}
+    return histograms(series, path, "weight w_i (invert + punish pairs)", "Alignment-impact weights")
 
 
 LOSS_PARTS = ("loss", "L_I", "L_II", "L_KL", "L_anchor", "L_retain_nll")

@@ -135,23 +135,11 @@ def plot_training(results: dict, path: Path) -> Path | None:
 
 
 def plot_weights_by_category(results: dict, path: Path) -> Path | None:
-    from trace_ray.report import _plt
+    from trace_ray.report import histograms
 
-    by_cat = results.get("run", {}).get("weights_by_category")
-    if not by_cat:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for c, s in by_cat.items():
-        ax.hist(s["weights"], bins=30, alpha=0.6, label=f"{c} (n={s['n']}, zero {100 * s['zero_share']:.0f}%)")
-    ax.set_xlabel("impact weight w_i")
-    ax.set_ylabel("pairs")
-    ax.set_title("Impact weights by category")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    by_cat = results.get("run", {}).get("weights_by_category") or {}
+    series = {f"{c} (n={s['n']}, zero {100 * s['zero_share']:.0f}%)": s["weights"] for c, s in by_cat.items()}
+    return histograms(series, path, "impact weight w_i", "Impact weights by category")
 
 
 def run_plots(results: dict, out: Path) -> dict:
