@@ -246,3 +246,21 @@ def test_readers_of_triage_outputs_accept_a_folder_of_parts(hh_split, tmp_path):
     assert m["split"] == "heldout" and m["counts"] == {c: sum(r["category"] == c for r in held) for c in m["counts"]}
     with pytest.raises(ValueError, match="is the training table"):
         evaluate_pairs(str(GPT2), str(folder))
+
+
+def test_evaluate_runs_a_judge_policy_on_the_generations(hh_split, tiny_model_dir):
+    """A judge rule is answered by its model in-process; the verdicts equal the judge called directly."""
+    from trace_ray.evaluate_pairs import evaluate_pairs
+    from trace_ray.policy import load_policy
+    from trace_ray.policy.judge import HFJudge, parse_judge_answer
+
+    pol = load_policy({"name": "j", "version": 1, "description": "No weapons.", "rules": [
+        {"name": "llm", "kind": "judge", "model": str(tiny_model_dir), "max_new_tokens": 2, "batch_size": 4}]})
+    m = evaluate_pairs(str(GPT2), str(hh_split[0] / "heldout.parquet"), policy=pol, limit=40, max_prompts=2,
+                       num_samples=1, max_new_tokens=4, max_length=64, batch_size=8, show_progress=False)
+    gens = [g for g in m["generations"] if g["category"] == "conflict"]
+    answers = HFJudge(pol.judge_rule).judge([g["prompt"] for g in gens], [g["greedy"] for g in gens])
+    want = [{"compliant": "compliant", "non_compliant": "non_compliant"}.get(parse_judge_answer(pol.judge_rule, a), "error")
+            for a in answers]
+    assert [g["verdict"] for g in gens] == want
+    assert m["tpa"]["undecided_greedy"] == pytest.approx(sum(v == "error" for v in want) / len(want))
