@@ -40,7 +40,7 @@ from typing import Any
 VERBS = (r"(?:help|assist|provide|do|answer|give|tell|share|support|comply|create|write|recommend|engage|"
          r"discuss|continue|participate)")
 REFUSAL_PATTERN = (
-    r"\b(?:i\s*(?:'m|’m| am)\s+(?:not able|unable|not going|not comfortable|not allowed)\s+to\s+" + VERBS
+    r"\b(?:i\s*(?:'m|’m| am)\s+(?:not able|unable|not going|not comfortable|not allowed|not equipped)\s+to\s+" + VERBS
     + r"|i\s+(?:can(?:'|’|no)?t|cannot|won(?:'|’)t|will not|must decline to|refuse to|do not feel comfortable|"
     r"don(?:'|’)t feel comfortable)\s+(?:\w+\s+)?" + VERBS
     + r"|as an ai\b|i apologi[sz]e, but|sorry, (?:but )?i can)"
