@@ -65,10 +65,9 @@ class HFGenerator:
         if req.get("judge"):
             # A policy's judge question: rendered and left-truncated exactly as the offline judge
             # (trace_ray.policy.judge.HFJudge) does, so online and offline answers agree.
-            from trace_ray.policy.judge import HFJudge
+            from trace_ray.policy.judge import judge_ids
 
-            ids = self.tok(HFJudge._text(self, req["messages"]), add_special_tokens=False)["input_ids"]
-            return ids[-max(8, (self.max_len or 4096) - req["max_tokens"]):]
+            return judge_ids(self.tok, req["messages"], max(8, (self.max_len or 4096) - req["max_tokens"]))
         if "messages" in req:
             # the same rendering as training and evaluation (trace_ray.chat)
             return prompt_ids(self.tok, [{"role": m["role"], "content": m["content"]} for m in req["messages"]])

@@ -157,7 +157,7 @@ def test_uri_output_and_sibling_outputs_by_split_column(ray_session, tmp_path):
                           outputs={"train": "triaged.parquet", "heldout": "heldout.parquet"})
     train, held = (read_triaged(tmp_path / "split" / f) for f in ("triaged.parquet", "heldout.parquet"))
     assert (train.num_rows, held.num_rows) == (480, 120)
-    assert sum(parts["train"].counts.values()) == 480 and sum(parts["heldout"].counts.values()) == 120
+    assert sum(parts.summaries["train"].counts.values()) == 480 and sum(parts.summaries["heldout"].counts.values()) == 120
     assert set(train.column("id").to_pylist()).isdisjoint(held.column("id").to_pylist())
     assert "split" not in train.column_names
 
@@ -186,4 +186,4 @@ def test_a_retried_write_task_rewrites_its_own_part(tmp_path, hh_path):
     folder = tmp_path / "triaged.parquet"
     assert sorted(p.name for p in folder.iterdir()) == [SUCCESS, "part-0123abcd-000007.parquet"]
     assert read_triaged(folder).equals(rows)
-    assert sink.result["all"].to_dict()["total"] == 300
+    assert sink.result.summaries["all"].to_dict()["total"] == 300

@@ -13,7 +13,11 @@ Two execution strategies of the same decisions (``trace_ray.policy.vector``):
 ``OUT/triaged.parquet/`` (part files + ``_SUCCESS``) and ``OUT/summary.json`` merged from the
 write tasks' own summaries. The driver never holds or writes a row; ``OUT`` may be an
 ``s3://`` / ``gs://`` URI. A lost worker (task or judge actor) is retried and its part file
-rewritten, so every input row is in the output exactly once.
+rewritten, so every input row is in the output exactly once. With ``holdout`` / ``validation``
+fractions each row goes, by a stable hash of its prompt (``trace_ray.data.split``), to
+``triaged.parquet`` (train), ``validation.parquet`` or ``heldout.parquet`` (sibling folders
+written in the same pass); with ``compare`` an old policy files the same rows too
+(``trace_ray.compare``: ``compare.json``).
 """
 
 from __future__ import annotations
@@ -203,16 +207,24 @@ def _row_errors(col: dict, n: int) -> list:
 
 
 class TriageBatch:
-    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``.
-    Passes a ``split`` column through when the input has one (sibling outputs)."""
+    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``;
+    with ``old_policy`` (rules only) also ``old_category`` and ``old_reasons`` (``--compare``); with
+    ``holdout`` / ``validation`` > 0 a ``split`` column (``trace_ray.data.split``) that routes each
+    row to its output."""
 
-    def __init__(self, policy: Policy):
-        self.policy = policy
+    def __init__(self, policy: Policy, old_policy: Policy | None = None, holdout: float = 0.0, validation: float = 0.0):
+        self.policy, self.old_policy = policy, old_policy
+        self.holdout, self.validation = holdout, validation
 
     def __call__(self, batch):
         out = triage_table(self.policy, batch)
-        if "split" in batch.column_names:
-            out = out.append_column("split", batch["split"])
+        if self.old_policy is not None:
+            old = triage_table(self.old_policy, batch)
+            out = out.append_column("old_category", old["category"]).append_column("old_reasons", old["reasons"])
+        if self.holdout or self.validation:
+            from trace_ray.data.split import split_labels
+
+            out = out.append_column("split", split_labels(out, self.holdout, self.validation))
         return out
 
 
@@ -223,66 +235,121 @@ def run_triage(
     format: str = "auto",
     *,
     pku_chosen: str = "better",
+    split: str | None = None,
+    prompt_key: str | None = None,
+    chosen_key: str | None = None,
+    rejected_key: str | None = None,
+    holdout: float = 0.0,
+    validation: float = 0.0,
+    compare: str | Path | dict | Policy | None = None,
+    allow_unresolved: bool = False,
     batch_size: int = 4096,
     num_actors: int | None = None,
     show_progress: bool = True,
     address: str | None = None,
     max_retries: int | None = None,
 ) -> dict:
-    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet/`` (part files
-    + ``_SUCCESS``) and ``out_dir/summary.json``; return the summary (``{"total", "counts": {...},
-    ...}``). ``out_dir`` may be a local folder or an ``s3://`` / ``gs://`` URI.
+    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet/`` (and, with
+    ``holdout`` / ``validation`` > 0, ``heldout.parquet/`` / ``validation.parquet/``: folders of part
+    files + ``_SUCCESS``; with ``compare``, ``compare.json``) and ``out_dir/summary.json``; return
+    the summary (``{"total", "counts": {...}, "splits": {...}, ...}``; counts cover every input
+    row). ``out_dir`` may be a local folder or an ``s3://`` / ``gs://`` URI.
 
-    The policy and the input are validated before Ray starts (``PolicyError`` /
-    ``FileNotFoundError`` / ``ValueError``). ``num_actors`` sizes the judge actor pool (default:
-    the judge rule's concurrency); rules run as plain tasks fused with the read, on one read block
+    ``data``: a file, a folder, a ``datasets`` folder or a hub id (``split`` picks the split);
+    ``prompt_key`` / ``chosen_key`` / ``rejected_key`` name the file's columns. Everything is
+    validated before Ray starts (``PolicyError`` / ``FileNotFoundError`` / ``ValueError``), and a
+    sample of the data is filed in plain Python first: when ≥ 90 % of the first 1,000 rows would be
+    unresolved for one reason, ``MostlyUnresolved`` names it and the flag that probably fixes it
+    (``allow_unresolved`` skips the check). ``num_actors`` sizes the judge actor pool (default: the
+    judge rule's concurrency); rules run as plain tasks fused with the read, on one read block
     (``batch_size`` rows) at a time; each block is then written by its own write task.
     A task whose worker dies is retried, a judge actor that dies is restarted and its batch
     retried — without limit by default (Ray Data's own defaults), ``max_retries`` times when
     given — and its part file rewritten: every row lands exactly once.
     """
     from trace_ray import storage
-    from trace_ray.data.readers import detect_format, list_files, read_pairs
+    from trace_ray.data.formats import column_keys
+    from trace_ray.data.readers import detect_format, iter_raw, iter_records, read_pairs
+    from trace_ray.data.sources import resolve_source
+    from trace_ray.data.split import FILES, check_fractions
+    from trace_ray.preflight import check_resolvable
     from trace_ray.ray_utils import ensure_ray
-    from trace_ray.triage_output import write_triaged
+    from trace_ray.triage_output import Summary, write_triaged
 
     policy = load_policy(policy)
-    list_files(data)
+    old_policy = load_policy(compare) if compare is not None else None
+    if old_policy is not None and old_policy.has_judge:
+        raise ValueError(f"--compare: the old policy {old_policy.fingerprint} has a judge rule; the what-if files "
+                         "pairs with rule oracles only (give a rules-only version of the old policy)")
+    check_fractions(holdout, validation)
+    keys = column_keys(prompt_key, chosen_key, rejected_key)
+    if max_retries is not None and max_retries < 0:
+        raise ValueError("max_retries must be >= 0")
     if policy.has_judge:
         from trace_ray.policy.judge import check_judge_model
 
         check_judge_model(policy.judge_rule)
-    fmt = detect_format(data) if format == "auto" else format
-    if max_retries is not None and max_retries < 0:
-        raise ValueError("max_retries must be >= 0")
+    source = resolve_source(data, split)
+    fmt = detect_format(source, keys) if format == "auto" else format
+    if not allow_unresolved:
+        columns = next((sorted(o) for _, o, _ in iter_raw(source) if isinstance(o, dict)), [])
+        check_resolvable(iter_records(source, fmt, pku_chosen, keys=keys), columns, policy, fmt)
     out = str(out_dir)
     ensure_ray(address)
+
+    splits = [s for s, f in (("train", 1.0), ("validation", validation), ("heldout", holdout)) if f > 0]
+    movement = None
+    if old_policy is not None:
+        from trace_ray.compare import Movement
+
+        def movement():
+            return Movement(old_policy.fingerprint, policy.fingerprint)
 
     # the same remote args on read and rules, so that Ray fuses them into one task per file; rules
     # see one read block (`batch_size` rows) at a time
     retries = {} if max_retries is None else {"max_retries": max_retries}
     with _data_context(show_progress):  # a Dataset keeps the DataContext it was created under
-        ds = read_pairs(data, fmt, pku_chosen=pku_chosen, rows_per_block=batch_size, ray_remote_args=retries)
+        ds = read_pairs(source, fmt, pku_chosen=pku_chosen, keys=keys, rows_per_block=batch_size,
+                        ray_remote_args=retries)
         if policy.has_judge:
             from trace_ray.policy.judge import add_judge_answers
 
             ds = add_judge_answers(ds, policy, num_actors=num_actors, max_retries=max_retries)
-        ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=None, **retries)
+        ds = ds.map_batches(TriageBatch(policy, old_policy, holdout, validation), batch_format="pyarrow",
+                            batch_size=None, **retries)
         t0 = time.perf_counter()
-        parts = write_triaged(ds, out, [r.name for r in policy.rules], ray_remote_args=retries)
+        written = write_triaged(ds, out, [r.name for r in policy.rules], outputs={s: FILES[s] for s in splits},
+                                split_column="split" if len(splits) > 1 else None, ray_remote_args=retries,
+                                extra=movement)
     elapsed = time.perf_counter() - t0
-    result = parts["all"].to_dict()
+    total = Summary([r.name for r in policy.rules])
+    for s in splits:  # every input row, in split order
+        total.merge(written.summaries[s])
+    result = total.to_dict()
+    outputs = {"triaged" if s == "train" else s: storage.join(out, FILES[s]) for s in splits}
+    if written.extra is not None:
+        result["compare"] = written.extra.to_dict()
+        outputs["compare"] = storage.join(out, "compare.json")
+        storage.write_text(outputs["compare"], json.dumps(result["compare"], indent=2, ensure_ascii=False))
+    outputs["summary"] = storage.join(out, "summary.json")
     result.update({
         "policy": policy.fingerprint,
         "engines": policy.engines,
         "data": str(data),
+        "split": source.split,
         "format": fmt,
+        "columns": keys or None,
         "pku_chosen": pku_chosen if fmt == "pku" else None,
+        "holdout": holdout,
+        "validation": validation,
+        "split_key": "prompt",
+        "splits": {s: {"total": sum(written.summaries[s].counts.values()),
+                       "counts": {c: written.summaries[s].counts[c] for c in CATEGORIES}} for s in splits},
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(result["total"] / elapsed, 1) if elapsed > 0 else None,
-        "outputs": {"triaged": storage.join(out, "triaged.parquet"), "summary": storage.join(out, "summary.json")},
+        "outputs": outputs,
     })
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(result, indent=2, ensure_ascii=False))
+    storage.write_text(outputs["summary"], json.dumps(result, indent=2, ensure_ascii=False))
     return result
 
 
@@ -336,6 +403,9 @@ def format_summary(s: dict) -> str:
         for ex in s["examples"][c][:1]:
             lines.append(f"  e.g. {c}: {ex['prompt'][-70:].strip()!r} -> chosen {ex['chosen'][:60]!r}")
             lines.append(f"       because {ex['reasons'].get('chosen')}")
+    if len(s.get("splits", {})) > 1:
+        lines.append("  splits (by a hash of the prompt): " + ", ".join(
+            f"{k} {v['total']}" for k, v in s["splits"].items()))
     if "outputs" in s:
-        lines.append(f"  wrote {s['outputs']['triaged']} and {s['outputs']['summary']}")
+        lines.append("  wrote " + ", ".join(s["outputs"].values()))
     return "\n".join(lines)

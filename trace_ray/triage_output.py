@@ -25,8 +25,9 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trace_ray import storage
 from trace_ray.data.schema import CATEGORIES, TRIAGED
@@ -82,8 +83,12 @@ class Summary:
                     self._example(row, json.loads(row["reasons"]) if row["reasons"] != PLAIN_REASONS else {})
 
     def _example(self, row: dict, reasons: dict) -> None:
+        from trace_ray.chat import transcript
+
         if len(self.examples[row["category"]]) < self.k:
-            ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
+            ex = {k: _short(row[k]) for k in ("id", "chosen", "rejected")}
+            prompt = transcript(row["prompt"])  # a conversation as text; its end is what matters
+            ex["prompt"] = prompt if len(prompt) <= 200 else "…" + prompt[-200:]
             ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
             ex["reasons"] = reasons
             self.examples[row["category"]].append(ex)
@@ -138,8 +143,17 @@ def _short(text: str, n: int = 200) -> str:
 # writing
 
 
+@dataclass
+class Written:
+    """What ``write_triaged`` returns: the merged :class:`Summary` per output key, and the merged
+    ``extra`` accumulator (or None)."""
+
+    summaries: dict[str, Summary]
+    extra: Any = None
+
+
 def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None, rule_names: list[str],
-                 compression: str = "snappy"):
+                 extra: Callable[[], Any] | None = None, compression: str = "snappy"):
     """A Ray Data ``Datasink`` writing ``TRIAGED`` rows under ``out_dir``: one part file per write
     task and output, named by Ray's write UUID and task index (idempotent under retries)."""
     import pyarrow.parquet as pq
@@ -152,7 +166,7 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
             fs, root = storage.resolve(out_dir)
             super().__init__(root, filesystem=fs, try_create_dir=True)
             self.root, self.fs, self.remote = root, fs, storage.is_remote(out_dir)
-            self.result: Summary | None = None
+            self.result: Written | None = None
             self.rows = 0
 
         def on_write_start(self, schema=None) -> None:
@@ -168,9 +182,12 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
             name = f"part-{ctx.kwargs[WRITE_UUID_KWARG_NAME][:8]}-{ctx.task_idx:06d}.parquet"
             writers: dict[str, Any] = {}
             summaries = {key: Summary(rule_names) for key in outputs}
+            more = extra() if extra is not None else None
             try:
                 for block in blocks:
                     table = BlockAccessor.for_block(block).to_arrow()
+                    if more is not None:
+                        more.add(table)
                     for key, part in _split(table, split_column, outputs):
                         part = part.select(TRIAGED.names).cast(TRIAGED)
                         if key not in writers:
@@ -186,7 +203,7 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
                     self.fs.move(tmp, final)  # a retried task replaces the same name
             who = {"pid": os.getpid(), "host": socket.gethostname()}
             files = [{"output": key, "file": name, "rows": sum(summaries[key].counts.values()), **who} for key in writers]
-            return {"summaries": summaries, "files": files}
+            return {"summaries": summaries, "files": files, "extra": more}
 
         def _open(self, folder: str, name: str):
             final = f"{self.root}/{folder}/{name}"
@@ -197,12 +214,15 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
         def on_write_complete(self, write_result) -> None:
             merged = {key: Summary(rule_names) for key in outputs}
             files: dict[str, list] = {key: [] for key in outputs}
+            more = extra() if extra is not None else None
             for ret in write_result.write_returns:
                 for key, s in (ret or {}).get("summaries", {}).items():
                     merged[key].merge(s)
                 for f in (ret or {}).get("files", []):
                     files[f["output"]].append({k: v for k, v in f.items() if k != "output"})
-            self.result = merged
+                if more is not None and (ret or {}).get("extra") is not None:
+                    more.merge(ret["extra"])
+            self.result = Written(merged, more)
             for key, folder in outputs.items():
                 _clean_tmp(self.fs, f"{self.root}/{folder}")
                 if not _part_names(self.fs, f"{self.root}/{folder}"):  # no rows: still a readable schema
@@ -253,12 +273,15 @@ def _clean_tmp(fs, folder: str) -> None:
 
 
 def write_triaged(ds, out_dir: str, rule_names: list[str], *, outputs: dict[str, str] | None = None,
-                  split_column: str | None = None, ray_remote_args: dict | None = None) -> dict[str, Summary]:
+                  split_column: str | None = None, ray_remote_args: dict | None = None,
+                  extra: Callable[[], Any] | None = None) -> Written:
     """Write a dataset of ``TRIAGED`` rows (plus ``split_column`` when given) under ``out_dir``;
-    return the merged :class:`Summary` per output key. ``outputs`` maps a split value to a folder
-    name (default ``{"all": "triaged.parquet"}``: every row in ``OUT/triaged.parquet``)."""
-    outputs = outputs or {"all": "triaged.parquet"}
-    sink = triaged_sink(str(out_dir), outputs, split_column, rule_names)
+    return :class:`Written` (the merged :class:`Summary` per output key). ``outputs`` maps a split
+    value to a folder name (default ``{"train": "triaged.parquet"}``: every row in
+    ``OUT/triaged.parquet``). ``extra()`` makes one more accumulator per write task (``add(block)``
+    on every whole block, ``merge(other)``), e.g. the ``--compare`` movement table."""
+    outputs = outputs or {"train": "triaged.parquet"}
+    sink = triaged_sink(str(out_dir), outputs, split_column, rule_names, extra)
     # Ray's write op keeps every block of a write task in memory until the task ends: fused into
     # the read task, that would be a whole input file. A memory reservation of its own (a worker
     # plus one block, its Parquet encoding and summary) keeps the write a separate operator, one
@@ -272,14 +295,15 @@ def write_triaged(ds, out_dir: str, rule_names: list[str], *, outputs: dict[str,
 
 
 def triaged_path(path: str | os.PathLike) -> str:
-    """``path`` checked as triage output: a Parquet file, or a folder holding ``_SUCCESS``.
-    Raises ``FileNotFoundError`` / ``ValueError`` with what is wrong."""
+    """``path`` checked as a Parquet table to read: a file, or a folder — refused when it holds
+    triage part files (``part-*.parquet``) but no ``_SUCCESS`` (the triage that wrote it did not
+    finish). Raises ``FileNotFoundError`` / ``ValueError`` saying what is wrong."""
     p = Path(path)
     if p.is_file():
         return str(p)
     if not p.is_dir():
         raise FileNotFoundError(f"{p} does not exist (run `trace-ray triage` first)")
-    if not (p / SUCCESS).exists():
+    if not (p / SUCCESS).exists() and any(p.glob("part-*.parquet")):
         raise ValueError(f"{p} has no {SUCCESS} marker: the triage that wrote it did not finish "
                          "(run it again)")
     return str(p)

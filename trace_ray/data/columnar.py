@@ -1,7 +1,8 @@
 """The ``pairs`` format a whole Arrow batch at a time (the readers' fast path).
 
 A batch whose columns are exactly ``prompt``, ``chosen``, ``rejected`` (+ ``id``), all strings,
-without nulls or blank responses, becomes canonical records without a Python object per row:
+without nulls, blank responses or conversation prompts (JSON text of messages, which the reader
+re-stores), becomes canonical records without a Python object per row:
 the texts stay in Arrow, only the ids are hashed (from the Arrow buffers). Any other batch returns
 None and the row-by-row reader decides (``readers.to_record``), so the two paths agree on every
 row (``tests/test_readers.py``).
@@ -63,6 +64,8 @@ def plain_pairs_table(batch, schema: pa.Schema):
         return None
     cols = {k: (c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c).cast(pa.string()) for k, c in cols.items()}
     if cols["prompt"].null_count or _blank(cols["chosen"]) or _blank(cols["rejected"]):
+        return None
+    if pc.any(pc.match_substring(cols["prompt"], "[{")).as_py():  # maybe a conversation's JSON
         return None
     n = len(cols["prompt"])
     ids = row_ids(cols["prompt"], cols["chosen"], cols["rejected"])

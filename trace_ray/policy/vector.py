@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from trace_ray.policy.rules import JudgeRule, KeywordsRule, MetaRule, RegexRule, Rule, decide
+from trace_ray.policy.rules import CallableRule, JudgeRule, KeywordsRule, MetaRule, RegexRule, Rule, decide
 
 HIT, MISS, UNDECIDED = 1, 0, 2
 NAW_FRACTION = 0.05  # above this share of rows with non-ASCII word characters: unicode patterns
@@ -107,36 +107,63 @@ def plan_rule(rule: Rule) -> Plan:
 class Side:
     """One side (chosen or rejected) of a batch: the columns the rules read.
 
-    ``prompts`` / ``responses``: ``pyarrow`` string arrays (no nulls). ``active``: bool mask of the
-    rows to judge. ``meta``: a struct array of the side's typed metadata fields
-    (:func:`parse_side_meta`) or None (meta rules then run row-wise); ``meta_row(i)``: row i's
-    metadata dict for the row-wise fallback. ``answers``: judge answers (a list) or None.
+    ``prompts`` / ``responses``: ``pyarrow`` string arrays (no nulls) as stored; a rule reads a
+    conversation prompt as its last user turn (``trace_ray.chat.last_user_turn``, as
+    ``Policy.check``), computed for the rows that hold one. ``active``: bool mask of the rows to
+    judge. ``meta``: a struct array of the side's typed metadata fields (:func:`parse_side_meta`) or
+    None (meta rules then run row-wise); ``meta_row(i)``: row i's metadata dict for the row-wise
+    fallback. ``answers``: judge answers (a list) or None.
     """
 
     def __init__(self, prompts, responses, active: np.ndarray, meta=None,
                  meta_row: Callable[[int], dict] | None = None, answers: Sequence | None = None):
-        self.prompts, self.responses, self.active = prompts, responses, active
+        self.raw_prompts, self.responses, self.active = prompts, responses, active
         self.meta, self._meta_row, self.answers = meta, meta_row, answers
         self._py: dict[str, list] = {}
+        self._prompts = None
+
+    @property
+    def prompts(self):
+        """What the rules read as the prompt (conversations → their last user turn)."""
+        if self._prompts is None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            from trace_ray.chat import last_user_turn
+
+            convo = np.flatnonzero(pc.fill_null(pc.match_substring(self.raw_prompts, "[{"), False)
+                                   .to_numpy(zero_copy_only=False))
+            if convo.size:
+                texts = self.raw_prompts.to_pylist()
+                for i in convo.tolist():
+                    texts[i] = last_user_turn(texts[i])
+                self._prompts = pa.array(texts, pa.string())
+            else:
+                self._prompts = self.raw_prompts
+        return self._prompts
 
     def text(self, target: str, i: int) -> str:
-        col = "prompts" if target == "prompt" else "responses"
-        if col in self._py:
-            return self._py[col][i]
-        return getattr(self, col)[i].as_py()
+        if target != "prompt":
+            return self._py["responses"][i] if "responses" in self._py else self.responses[i].as_py()
+        if self._prompts is not None:
+            return self._prompts[i].as_py()
+        from trace_ray.chat import last_user_turn
+
+        return last_user_turn(self.raw_prompts[i].as_py())
 
     def meta_row(self, i: int) -> dict:
         return self._meta_row(i) if self._meta_row is not None else {}
 
     def rowwise(self, rule: Rule, rows, state: np.ndarray, info: dict) -> None:
         """``decide`` on the given rows (the reference logic), into ``state`` / ``info``."""
-        if len(rows) > len(state) // 8:  # many rows: convert the columns to Python once
-            for col in ("prompts", "responses"):
-                self._py.setdefault(col, getattr(self, col).to_pylist())
+        if len(rows) > len(state) // 8:  # many rows: convert the responses to Python once
+            self._py.setdefault("responses", self.responses.to_pylist())
+        reads_prompt = isinstance(rule, CallableRule) or (isinstance(rule, RegexRule) and rule.target == "prompt")
         for i in rows:
             i = int(i)
             answer = self.answers[i] if self.answers is not None else None
-            s, text = decide(rule, self.text("prompt", i), self.text("response", i), self.meta_row(i), answer)
+            prompt = self.text("prompt", i) if reads_prompt else ""  # other rules never read it
+            s, text = decide(rule, prompt, self.text("response", i), self.meta_row(i), answer)
             state[i] = HIT if s == "hit" else UNDECIDED if s == "undecided" else MISS
             if s != "miss":
                 info[i] = text

@@ -46,9 +46,13 @@ def check_inputs(cfg: RunConfig) -> dict:
 
     import pyarrow.parquet as pq
 
+    from trace_ray.data.split import split_of_path
     from trace_ray.triage_output import read_triaged, read_triaged_schema
 
     p = Path(cfg.data.triaged)
+    if split_of_path(p) in ("heldout", "validation"):
+        raise ConfigError(f"data.triaged: {p} is the {split_of_path(p)} split, which is never trained on; "
+                          f"train on {p.with_name('triaged.parquet')}")
     try:
         schema = read_triaged_schema(p)  # a triage output folder (with _SUCCESS) or a Parquet file
     except FileNotFoundError as e:
