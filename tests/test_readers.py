@@ -199,12 +199,15 @@ def test_fast_paths_equal_the_row_by_row_reader(tmp_path, variant):
         rows[3]["chosen"] = " \n "
         rows[5]["source"] = "x"
         rows[7]["meta"] = {"a": 1}
+        rows[9]["prompt"] = [{"role": "user", "content": "hi"}]          # a conversation
+        rows[11]["prompt"] = json.dumps([{"role": "user", "content": "hi"}])  # its stored JSON text
     src = _datasource_cls().__new__(_datasource_cls())
-    src._fmt, src._pku_chosen, src._rows = "pairs", "better", 128
+    src._fmt, src._pku_chosen, src._keys, src._rows = "pairs", "better", None, 128
     for kind in ("jsonl", "parquet"):
         path = tmp_path / f"{variant}.{kind}"
-        if kind == "parquet":
-            pq.write_table(pa.Table.from_pylist(rows), path)
+        if kind == "parquet":  # one column type: a conversation as its JSON text
+            pq.write_table(pa.Table.from_pylist([{**r, "prompt": r["prompt"] if isinstance(r["prompt"], str)
+                                                  else json.dumps(r["prompt"])} for r in rows]), path)
         else:
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         with open(path, "rb") as f:

@@ -148,18 +148,21 @@ def test_uri_output_and_sibling_outputs_by_split_column(ray_session, tmp_path):
     assert read_triaged(tmp_path / "uri_out" / "triaged.parquet").num_rows == s["total"] == 600
     assert s["outputs"]["triaged"] == f"file://{tmp_path}/uri_out/triaged.parquet"
 
+    from trace_ray.data.split import split_of
+
     policy = load_policy(HH_POLICY)
     table = read_triaged(tmp_path / "uri_out" / "triaged.parquet").select(["id", "prompt", "chosen", "rejected", "meta"])
     table = table.append_column("_error", pa.nulls(table.num_rows, pa.string()))
-    table = table.append_column("split", pa.array(["heldout" if i % 5 == 0 else "train" for i in range(table.num_rows)]))
-    ds = ray.data.from_arrow(table).map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=128)
+    ds = ray.data.from_arrow(table).map_batches(TriageBatch(policy, holdout=0.2), batch_format="pyarrow", batch_size=128)
     parts = write_triaged(ds, str(tmp_path / "split"), [r.name for r in policy.rules], split_column="split",
                           outputs={"train": "triaged.parquet", "heldout": "heldout.parquet"})
     train, held = (read_triaged(tmp_path / "split" / f) for f in ("triaged.parquet", "heldout.parquet"))
-    assert (train.num_rows, held.num_rows) == (480, 120)
-    assert sum(parts.summaries["train"].counts.values()) == 480 and sum(parts.summaries["heldout"].counts.values()) == 120
+    want = Counter(split_of(p, i, 0.2) for p, i in zip(table.column("prompt").to_pylist(), table.column("id").to_pylist()))
+    assert (train.num_rows, held.num_rows) == (want["train"], want["heldout"]) and want["heldout"] > 50
+    assert sum(parts.summaries["train"].counts.values()) == want["train"]
+    assert sum(parts.summaries["heldout"].counts.values()) == want["heldout"]
     assert set(train.column("id").to_pylist()).isdisjoint(held.column("id").to_pylist())
-    assert "split" not in train.column_names
+    assert "split" not in train.column_names and (tmp_path / "split" / "heldout.parquet" / SUCCESS).exists()
 
 
 def test_a_retried_write_task_rewrites_its_own_part(tmp_path, hh_path):
