@@ -76,7 +76,9 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------- data
 def sentence_pool(path: str) -> tuple[list[str], list[str]]:
-    """Prompts and response sentences of the real HH-RLHF file (a small built-in pool without it)."""
+    """Prompts (as plain transcripts) and response sentences of the real HH-RLHF file (a small
+    built-in pool without it)."""
+    from trace_ray.chat import transcript
     from trace_ray.data.readers import iter_records
 
     prompts, sents = [], []
@@ -84,7 +86,7 @@ def sentence_pool(path: str) -> tuple[list[str], list[str]]:
         for rec in iter_records(path, "hh"):
             if rec["_error"]:
                 continue
-            prompts.append(rec["prompt"])
+            prompts.append(transcript(rec["prompt"]))  # a plain-text prompt (TRL's standard format)
             for side in ("chosen", "rejected"):
                 sents += [s for s in re.split(r"(?<=[.!?])\s+", rec[side]) if s]
     if not sents:

@@ -51,7 +51,7 @@ def test_real_files(data, policy, fmt, hh_path, pku_path):
 TOKENS = ["gun", "GUN", "Gun", "guns", "begun", "gun-shy", "c++", "C++", "über", "ÜBER", "Straße", "STRASSE",
           "ſteal", "steal", "\u212aill", "kill", "café", "naïve", "’", "“quoted”", "\u00a0", "\t", "\n", "\n\n",
           "1. ", "2) ", "Step 3. do", "step 4 ", "first, you", "First get", "then", "next", "é", "日本語", "٣",
-          "aaaa", "ab", "xyz", "hello", "world", "\u0301", "Ⓐ", "İ", "ı", ".", ",", "!", " ", " ", " "]
+          "aaaa", "ab", "abab", "xyz", "hello", "world", "\u0301", "Ⓐ", "İ", "ı", ".", ",", "!", " ", " ", " "]
 
 EDGE_POLICY = {
     "name": "edge", "version": "1", "description": "every rule kind", "mode": "any",
@@ -109,6 +109,9 @@ def generated(n: int, seed: int, tokens=TOKENS, metas=METAS) -> list[dict]:
     rows = []
     for i in range(n):
         row = {"prompt": text(4), "chosen": text(7) or "x", "rejected": text(7) or "y"}
+        if rng.random() < 0.15:  # a conversation: rules read its last user turn
+            row["prompt"] = [{"role": "user", "content": text(3)}, {"role": "assistant", "content": text(3)},
+                             {"role": "user", "content": text(3)}]
         r = rng.random()
         if r < 0.03:
             row["chosen"] = rng.choice(["", "   ", "\n\t", "\u00a0"])  # blank → unresolved
