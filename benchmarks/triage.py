@@ -18,7 +18,8 @@ rule). Each measurement runs in its own fresh process (clean memory figures):
   ``ParquetWriter``, one process, over the first ``--loop-rows`` rows (default 100,000).
 - ``ray``: ``run_triage`` on a fresh local Ray with 1 and 2 CPUs, on ``--small`` and ``--pairs`` rows,
   after a warm-up run on one shard (worker start-up and imports excluded, as on a long-lived
-  cluster). Peak RSS of the driver and of the Ray worker processes (sampled every 0.2 s).
+  cluster). Peak RSS of the driver and of the Ray worker processes, and the CPU seconds of all of
+  them (sampled every 0.5 s; on a shared machine rows per CPU-second is the steadier figure).
 - ``equality``: the 2-CPU output of the largest run against the row-wise reference
   (``triage_records``) on EVERY row (2 processes, one shard at a time), row for row: id, meta,
   verdicts, reasons, category.
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--small", type=int, default=100_000, help="rows of the small run, for memory vs rows (default 100000)")
     p.add_argument("--rows-per-shard", type=int, default=25_000, help="rows per input file (default 25000)")
     p.add_argument("--input", choices=["jsonl", "parquet"], default="jsonl", help="input file format (default jsonl)")
+    p.add_argument("--chars", type=int, nargs=2, default=[200, 2000], metavar=("MIN", "MAX"),
+                   help="response length range in characters (default 200 2000; the real HH test file: ~190 mean)")
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="local Ray CPU counts to run (default 1 2)")
     p.add_argument("--loop-rows", type=int, default=100_000, help="rows for the plain loop (default 100000)")
     p.add_argument("--no-equality", action="store_true", help="skip the row-for-row check of every row")
@@ -97,7 +100,8 @@ def sentence_pool(path: str) -> tuple[list[str], list[str]]:
     return prompts, sents
 
 
-def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed: int) -> list[Path]:
+def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed: int,
+             chars: tuple[int, int] = (200, 2000)) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -105,7 +109,7 @@ def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed
     rng = random.Random(seed)
 
     def response() -> str:
-        want, out, n = rng.randint(200, 2000), [], 0
+        want, out, n = rng.randint(*chars), [], 0
         while n < want:
             s = rng.choice(sents)
             out.append(s)
@@ -129,7 +133,7 @@ def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed
 # ----------------------------------------------------------------------------------- memory
 class Peak:
     """Peak RSS (MB) of this process and of the Ray worker processes below it, and the CPU seconds
-    this process and every process below it used (sampled every 0.2 s): on a shared machine the
+    this process and every process below it used (sampled every 0.5 s): on a shared machine the
     CPU seconds show what the run cost where the wall time also shows who else ran."""
 
     def __init__(self):
@@ -164,7 +168,7 @@ class Peak:
             self.worker_sum = max(self.worker_sum, sum(rss))
 
     def _run(self):
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(0.5):
             self._sample()
 
     def __enter__(self):
@@ -360,7 +364,7 @@ def main(argv=None) -> int:
     policy = str(Path(args.policy).resolve())
     print(f"generating {args.pairs} pairs in {work} ...", flush=True)
     t = time.perf_counter()
-    files = generate(work / "data", args.pairs, args.rows_per_shard, args.input, args.data, args.seed)
+    files = generate(work / "data", args.pairs, args.rows_per_shard, args.input, args.data, args.seed, tuple(args.chars))
     gen_s = time.perf_counter() - t
     sizes = sorted({min(args.small, args.pairs), args.pairs})
     folders = {n: subset(work, files, n, args.rows_per_shard, f"rows_{n}") for n in sizes}
@@ -370,7 +374,8 @@ def main(argv=None) -> int:
                      "single-process loop (row-wise) vs the bare regex limit, same data, same run",
         "command": "python benchmarks/triage.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": {"pairs": args.pairs, "rows_per_shard": args.rows_per_shard, "input": args.input,
-                 "response_chars": "200-2000", "sentences_from": str(args.data), "generate_s": round(gen_s, 1),
+                 "response_chars": f"{args.chars[0]}-{args.chars[1]}", "sentences_from": str(args.data),
+                 "generate_s": round(gen_s, 1),
                  "input_mb": round(sum(f.stat().st_size for f in files) / 2**20)},
         "policy": policy,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
