@@ -70,7 +70,8 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
     try:
         if kind in ("parquet", "arrow"):
             i = 0
-            for batch in columnar_batches(stream.read(), kind):  # columnar files need random access
+            seekable = getattr(stream, "seekable", lambda: False)()  # else the whole file (random access)
+            for batch in columnar_batches(stream if seekable else stream.read(), kind):
                 for row in batch.to_pylist():
                     i += 1
                     yield f"{base}:row {i}", row, None
@@ -112,18 +113,22 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
         yield f"{base}:end", None, f"file is truncated or corrupt: {type(e).__name__}: {e}"
 
 
-def columnar_batches(data: bytes, kind: str, rows: int = 4096):
+def columnar_batches(source, kind: str, rows: int = 4096):
     """Record batches of a Parquet file or of an Arrow IPC file / stream (``datasets``'
-    ``save_to_disk`` writes the stream format) held in ``data``."""
+    ``save_to_disk`` writes the stream format). ``source``: a seekable file (read a row group at a
+    time) or the file's bytes."""
+    if isinstance(source, bytes):
+        source = pa.BufferReader(source)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=rows)
+        yield from pq.ParquetFile(source).iter_batches(batch_size=rows)
         return
     try:
-        stream = pa.ipc.open_stream(pa.BufferReader(data))
+        stream = pa.ipc.open_stream(source)
     except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.BufferReader(data))
+        source.seek(0)
+        reader = pa.ipc.open_file(source)
         yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
         return
     yield from stream
@@ -192,6 +197,11 @@ def _datasource_cls():
             super().__init__(paths, **kw)
             self._fmt, self._pku_chosen, self._keys, self._rows = fmt, pku_chosen, keys, rows_per_block
 
+        def _open_input_source(self, filesystem, path: str, **open_args):
+            if _kind(path) in ("parquet", "arrow"):  # random access: a row group at a time
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
         def _read_stream(self, f, path: str):
             plain = self._fmt == "pairs" and not self._keys  # the fast paths: no column mapping
             if plain and _kind(path) in ("parquet", "arrow"):
@@ -219,7 +229,7 @@ def _datasource_cls():
 
             base, i = os.path.basename(path), 0
             try:
-                for batch in columnar_batches(f.read(), _kind(path), self._rows):
+                for batch in columnar_batches(f, _kind(path), self._rows):
                     table = plain_pairs_table(batch, READ_SCHEMA)
                     if table is None:
                         table = pa.Table.from_pylist([to_record(obj, "pairs", f"{base}:row {i + k + 1}", None, self._pku_chosen)
