@@ -8,7 +8,8 @@ import yaml
 from trace_ray.config import ConfigError, from_dict
 from trace_ray.train.config import RunConfig, load_run_config
 from trace_ray.train.data import balanced_bounds
-from trace_ray.train.run import check_inputs, make_plan, used_categories
+from trace_ray.train.config import used_categories
+from trace_ray.train.run import check_inputs, make_plan
 
 from train_data import run_dict, write_triaged
 

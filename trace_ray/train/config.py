@@ -94,6 +94,11 @@ def retain_has_loss(alpha_kl: float, retain_nll: float) -> bool:
     return alpha_kl > 0 or retain_nll > 0
 
 
+def used_categories(cfg: "RunConfig") -> list[str]:
+    """Rows that carry a loss under ``cfg`` (retain only when the KL anchor or the retain NLL is on)."""
+    return ["invert", "punish"] + (["retain"] if retain_has_loss(cfg.loss.alpha_kl, cfg.loss.retain_nll) else [])
+
+
 @dataclass
 class LossConfig:
     beta: float = 0.3

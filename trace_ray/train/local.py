@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trace_ray.train.config import RunConfig
+from trace_ray.train.config import RunConfig, used_categories
 
 
 def train_local(config, *, records: list[dict] | None = None, progress: bool | None = None,
@@ -26,7 +26,7 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
     from trace_ray.train.data import prepare_records
     from trace_ray.train.env import LocalEnv
     from trace_ray.train.loop import run_worker
-    from trace_ray.train.run import _write_config, as_run_config, resolve_paths, check_inputs, collect_outputs, gold_records, make_plan, used_categories
+    from trace_ray.train.run import _write_config, as_run_config, resolve_paths, check_inputs, collect_outputs, gold_records, make_plan
 
     cfg: RunConfig = as_run_config(config)
     if records is None:

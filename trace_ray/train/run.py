@@ -20,14 +20,9 @@ import shutil
 from pathlib import Path
 
 from trace_ray.config import ConfigError, from_dict, to_dict
-from trace_ray.train.config import RunConfig, retain_has_loss
+from trace_ray.train.config import RunConfig, used_categories
 
 REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected", "category")
-
-
-def used_categories(cfg: RunConfig) -> list[str]:
-    """Rows that carry a loss under ``cfg`` (retain only when the KL anchor or the retain NLL is on)."""
-    return ["invert", "punish"] + (["retain"] if retain_has_loss(cfg.loss.alpha_kl, cfg.loss.retain_nll) else [])
 
 
 def as_run_config(config) -> RunConfig:
