@@ -56,18 +56,17 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
     from trace_ray.impact import dpo_objective, global_gradient, impact_scores
     from trace_ray.logprobs import encode_pairs
     from trace_ray.losses import category_codes
-    from trace_ray.train.step import _reference_forward
+    from trace_ray.logprobs import reference_logps
+    from trace_ray.train.step import _reference_logps
 
     ic, mode = cfg.impact, cfg.reference.mode
     bs, L = ic.batch_size, cfg.data.max_length
     params = [p for p in model.parameters() if p.requires_grad]
 
     def ref_of(batch):
-        if ref_model is None and not hasattr(model, "disable_adapter"):
-            from trace_ray.logprobs import reference_logps  # full fine-tune at θ = θ_ref: θ itself
-
-            return reference_logps(model, batch)
-        return _reference_forward(model, ref_model, batch, "frozen_copy" if ref_model is not None else "adapter_disabled", False)[0]
+        if ref_model is not None:
+            return _reference_logps(model, ref_model, batch, "frozen_copy")
+        return reference_logps(model, batch)  # adapter disabled; a full fine-tune at θ = θ_ref: θ itself
 
     # g_J: this worker's slice of the gold batch, summed over workers with pair counts.
     mine = gold[env.rank :: env.world]
