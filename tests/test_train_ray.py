@@ -91,18 +91,48 @@ def test_deepspeed_zero2_two_workers_kill_and_resume(ray_session, tiny_model_dir
     _compare(tmp_path / "ds", local, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def gpt2_50k(tmp_path_factory):
+    """The shared 1-layer GPT-2 with the real 50,257-token vocabulary, dropout off (runs compared
+    number for number), saved with its tokenizer. Its LM head (tied to the embeddings, 50,257 × 2)
+    is above ZeRO-3's persistence threshold, so ZeRO-3 partitions it and gathers it on every call."""
+    from conftest import SHARED
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = SHARED / "models" / "fake_gpt2_lm_buddy"
+    d = tmp_path_factory.mktemp("gpt2_50k")
+    model = AutoModelForCausalLM.from_pretrained(src, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+    assert model.config.vocab_size == 50257 and model.lm_head.weight.numel() > 100_000
+    model.save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.mark.slow
-def test_deepspeed_zero3_two_workers(ray_session, tiny_model_dir, tmp_path):
-    """ZeRO-3 (parameters sharded; every rank must run the same forwards, even when its micro-batch
-    has no row of some category): 2 CPU workers, LoRA, equal to the in-process run; the gathered
-    adapter is saved and loads."""
+def test_deepspeed_zero3_real_vocabulary_uneven_and_empty_ranks(ray_session, gpt2_50k, tmp_path):
+    """ZeRO-3 on 2 CPU workers with the real 50k GPT-2 vocabulary (issue 14 item 1). Label
+    log-probs and the retain KL go through the partitioned LM head ~166 positions at a time, so a
+    rank with longer rows would call it (and gather it) more often: the chunk count is agreed over
+    the ranks. Run 1: worker 0 holds responses of 2-3 tokens, worker 1 of ~300 (1 vs ~15 chunks
+    per forward). Run 2: one row for two workers (worker 1 has no rows at all). Both end equal
+    to the in-process run with the same global batch; the gathered adapter loads."""
+    from train_data import long_short_rows, write_rows
+
+    from trace_ray.logprobs import CHUNK_ELEMENTS
     from trace_ray.models.load import load_model
     from trace_ray.train import realign, train_local
 
-    tri = write_triaged(tmp_path / "t.parquet")  # worker 0 gets only invert rows, worker 1 the rest
-    common = dict(impact={"method": "jvp", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
-    realign(run_dict(tiny_model_dir, tri, tmp_path / "z3", backend={"num_workers": 2, "kind": "deepspeed", "zero_stage": 3},
-                     train={"batch_size": 4, "max_steps": 2}, **common))
-    local = train_local(run_dict(tiny_model_dir, tri, tmp_path / "loc", train={"batch_size": 4, "grad_accum": 2, "max_steps": 2}, **common))
-    _compare(tmp_path / "z3", local, rtol=1e-4)
-    assert type(load_model(str(tmp_path / "z3" / "adapter"))).__name__.startswith("Peft")
+    assert CHUNK_ELEMENTS // 50257 < 300  # the long rows really take many chunks
+    rows = long_short_rows(n_short=4, n_long=4, long_words=300)
+    common = dict(model={"name": str(gpt2_50k), "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}},
+                  data={"max_length": 512}, impact={"method": "fd", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
+    for name, data, steps in (("uneven", rows, 2), ("empty_rank", rows[:1], 1)):
+        tri = write_rows(tmp_path / f"{name}.parquet", data)
+        realign(run_dict(gpt2_50k, tri, tmp_path / name, backend={"num_workers": 2, "kind": "deepspeed", "zero_stage": 3},
+                         train={"batch_size": 4, "max_steps": steps}, **common))
+        local = train_local(run_dict(gpt2_50k, tri, tmp_path / f"{name}_loc",
+                                     train={"batch_size": 4, "grad_accum": 2, "max_steps": steps}, **common))
+        _compare(tmp_path / name, local, rtol=1e-4)
+        assert type(load_model(str(tmp_path / name / "adapter"))).__name__.startswith("Peft")

@@ -168,13 +168,10 @@ def _logits(model, x: dict) -> torch.Tensor:
                  use_cache=False).logits
 
 
-def _zero3_sharded(head) -> bool:
-    """Whether the head's weight is partitioned by DeepSpeed ZeRO-3 (it sets ``ds_id``) across
-    more than one rank: each call of the head then gathers it, a collective."""
-    import torch.distributed as dist
-
-    return (any(hasattr(p, "ds_id") for p in head.parameters()) and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1)
+def _zero3(head) -> bool:
+    """Whether the head's weight is partitioned by DeepSpeed ZeRO-3 (it sets ``ds_id``): each
+    call of the head then gathers it, a collective when there is more than one rank."""
+    return head is not None and any(hasattr(p, "ds_id") for p in head.parameters())
 
 
 def _num_chunks(M: int, step: int, head) -> int:
@@ -182,9 +179,9 @@ def _num_chunks(M: int, step: int, head) -> int:
     head the same number of times whatever its rows (else the gathers mismatch: a hang or wrong
     numbers), so it is the largest count over the ranks — one small all-reduce per forward."""
     n = -(-M // step)
-    if head is not None and _zero3_sharded(head):
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if _zero3(head) and dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([n], dtype=torch.long, device=next(head.parameters()).device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         n = int(t)
@@ -211,6 +208,11 @@ def _chunked(fn, inputs: list[torch.Tensor], head, V: int, n_out: int) -> tuple[
     step = max(1, CHUNK_ELEMENTS // max(1, V))
     n = _num_chunks(M, step, head)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    # ZeRO-3 gathers the head's weight in its forward hook; the non-reentrant checkpoint's
+    # recompute (inside the backward) sees the released shard, the reentrant one re-runs the
+    # forward hooks (as DeepSpeed's own activation checkpointing does). Elsewhere non-reentrant,
+    # which also works under torch.autograd.grad (impact scores, g_J).
+    reentrant = _zero3(head)
     outs: list[tuple] = []
     zero: torch.Tensor | float = 0.0
     for i in range(n):
@@ -219,7 +221,7 @@ def _chunked(fn, inputs: list[torch.Tensor], head, V: int, n_out: int) -> tuple[
         if grad and n > 1:
             from torch.utils.checkpoint import checkpoint
 
-            r = checkpoint(fn, *chunk, use_reentrant=False)
+            r = checkpoint(fn, *chunk, use_reentrant=reentrant)
         else:
             r = fn(*chunk)
         if s < M:

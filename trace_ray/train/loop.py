@@ -34,7 +34,7 @@ from trace_ray.train import save as S
 from trace_ray.train.build import build_model, build_optimizer, deepspeed_config, seed_everything, trainable_named
 from trace_ray.train.config import RunConfig
 from trace_ray.train.env import scratch_dir
-from trace_ray.train.step import StepSettings, collate, compute_loss, merge_stats, stats_tensor, summarize, tensor_stats
+from trace_ray.train.step import DUMMY_ROW, StepSettings, collate, compute_loss, merge_stats, stats_tensor, summarize, tensor_stats
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -144,7 +144,9 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
     out_dir = Path(plan["out_dir"]) if plan.get("out_dir") else None
     log = _MetricsLog(out_dir, metrics, cfg, env)
 
-    pad_row = dict(rows[0] if rows else {"category": "retain"}, _pad=True)
+    # A worker whose shard runs out (or that has no rows at all: fewer rows than workers) feeds
+    # padding rows: no loss, but the same forwards and collectives as the others.
+    pad_row = dict(rows[0] if rows else dict(DUMMY_ROW, category="retain"), _pad=True)
     net = engine.module if engine is not None else model
     net.train()
     bar = env.tqdm(total=total_steps, initial=state["step"], desc="realign", unit="step", dynamic_ncols=True)
