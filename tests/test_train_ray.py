@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -44,18 +45,68 @@ def _compare(ray_out, local, rtol):
         torch.testing.assert_close(t, mine[key], rtol=rtol * 10, atol=1e-5)
 
 
-def test_ddp_two_workers_equal_one_worker_with_accumulation(ray_session, tiny_model_dir, tmp_path):
+def train_worker_pids(n: int = 2, timeout: float = 120.0) -> list[int]:
+    """PIDs of the live Ray Train worker processes started under this test process (its own local
+    Ray: the raylet is a child of this process, the workers its children), never another user's."""
+    import os
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = []
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if " ".join(p.cmdline()).startswith("ray::RayTrainWorker") and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p.pid)
+            except psutil.Error:
+                pass
+        if len(found) == n:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"not {n} live Ray Train workers under this process")
+
+
+def wait_for_checkpoint(storage, thread, timeout: float = 300.0) -> int:
+    """Block until Ray Train has registered a checkpoint of the run in ``storage`` (every worker
+    reported it; its checkpoint manager's snapshot lists it); returns its step."""
+    import time
+
+    snap = Path(storage) / "realign" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and thread.is_alive():
+        try:
+            done = json.loads(snap.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            done = []
+        if done:
+            return int(done[-1]["metrics"]["step"])
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint registered")
+
+
+def test_ddp_two_workers_equal_one_worker_and_survive_a_killed_worker(ray_session, tiny_model_dir, tmp_path):
     """2 workers × batch 4 == 1 worker × batch 4 × 2 accumulation steps, step by step, impact
     weights included (g_J all-reduced, each worker scoring its shard); the first loss is the
-    closed form Σ w_i·L_i / 8 at policy = reference; parameters move; per-category losses drop."""
+    closed form Σ w_i·L_i / 8 at policy = reference; parameters move; per-category losses drop.
+
+    Then the same run again, and one of its two Ray Train worker processes is killed (SIGKILL,
+    its real pid from Ray's state API) after the step-2 checkpoint: Ray Train restarts the worker
+    group by itself (``backend.max_failures``) from the newest checkpoint, and the run ends with
+    the same metrics and adapter as the uninterrupted one."""
+    import os
+    import signal
+    import threading
+
     from trace_ray.train import realign, train_local
 
     tri = write_triaged(tmp_path / "t.parquet")  # 4 invert, 2 punish, 2 retain, 1 unresolved
     common = dict(impact={"method": "jvp", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
     summary = realign(run_dict(tiny_model_dir, tri, tmp_path / "ray", backend={"num_workers": 2},
-                               train={"batch_size": 4, "max_steps": 3}, **common))
-    assert summary["rows_trained"] == 8 and summary["workers"] == 2
-    local = train_local(run_dict(tiny_model_dir, tri, tmp_path / "loc", train={"batch_size": 4, "grad_accum": 2, "max_steps": 3}, **common))
+                               train={"batch_size": 4, "max_steps": 6}, **common))
+    assert summary["rows_trained"] == 8 and summary["workers"] == 2 and summary["resumed_from"] == []
+    local = train_local(run_dict(tiny_model_dir, tri, tmp_path / "loc", train={"batch_size": 4, "grad_accum": 2, "max_steps": 6}, **common))
     _compare(tmp_path / "ray", local, rtol=1e-4)
 
     w = pq.read_table(tmp_path / "ray" / "weights.parquet").to_pydict()
@@ -67,6 +118,25 @@ def test_ddp_two_workers_equal_one_worker_with_accumulation(ray_session, tiny_mo
     last = _lines(tmp_path / "ray")[-1]
     assert last["raw_L_I"] < first["raw_L_I"] and last["raw_L_II"] < first["raw_L_II"]
     assert max(float(t.abs().max()) for n, t in _adapter(tmp_path / "ray").items() if "lora_B" in n) > 0
+
+    killed = tmp_path / "killed"
+    cfg = run_dict(tiny_model_dir, tri, killed, backend={"num_workers": 2, "max_failures": 1},
+                   train={"batch_size": 4, "max_steps": 6, "checkpoint_every": 2}, **common)
+    result = {}
+    run = threading.Thread(target=lambda: result.update(summary=realign(cfg)))
+    run.start()
+    pids = train_worker_pids()
+    at = wait_for_checkpoint(killed / "ray_train", run)
+    os.kill(pids[1], signal.SIGKILL)
+    run.join(timeout=600)
+    assert at < 6 and result["summary"]["resumed_from"] in ([2], [4])  # restarted by Ray Train from a checkpoint
+    ref, again = _lines(tmp_path / "ray"), _lines(killed)
+    assert [l["step"] for l in again] == list(range(1, 7))
+    for a, b in zip(again, ref):
+        for k in ("loss", "L_I", "L_II", "L_KL", "w_mean", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), (k, a["step"])
+    for n, t in _adapter(killed).items():
+        torch.testing.assert_close(t, _adapter(tmp_path / "ray")[n], rtol=1e-5, atol=1e-7)
 
 
 def test_deepspeed_zero2_two_workers_kill_and_resume(ray_session, tiny_model_dir, tmp_path):

@@ -148,7 +148,9 @@ def test_regrouping_invariance_zero_weight_and_padding(tiny_model, tiny_tokenize
 
 
 def test_impact_pass_equals_normalize_weights(tiny_tokenizer, tiny_model_dir, tmp_path):
-    """The distributed impact pass (world 1 here) gives impact.normalize_weights(impact_scores)."""
+    """The distributed impact pass (world 1 here) gives impact.normalize_weights(impact_scores),
+    punish rows scored on NPO without 2/β; so the weights are the same with loss.npo_normalize on
+    or off (a weight does not grow with a constant factor of its loss)."""
     from trace_ray.impact import build_gold_batch, build_score_batch, dpo_objective, global_gradient, impact_scores, normalize_weights
     from trace_ray.logprobs import encode_pairs, reference_logps
     from trace_ray.train.build import build_model
@@ -158,16 +160,20 @@ def test_impact_pass_equals_normalize_weights(tiny_tokenizer, tiny_model_dir, tm
     tri = write_triaged(tmp_path / "t.parquet")
     cfg = from_dict(RunConfig, run_dict(tiny_model_dir, tri, tmp_path / "o", impact={"method": "jvp", "normalize": "mean"}))
     tok, model, _ = build_model(cfg)
-    recs = rows()
+    recs = [dict(r, _row=i) for i, r in enumerate(rows())]
     gold = build_gold_batch(triaged_rows(), 6, 0)
     w = impact_pass(cfg, model, tok, recs, gold, LocalEnv(tmp_path))
+    cfg.loss.npo_normalize = False
+    assert impact_pass(cfg, model, tok, recs, gold, LocalEnv(tmp_path)) == w
     gb = encode_pairs(tok, gold, 64)
     gb["ref_logps"] = reference_logps(model, gb)
     g = global_gradient(model, [gb], J=dpo_objective(BETA))
     pref = [r for r in recs if r["category"] in ("invert", "punish")]
     sb = build_score_batch(tok, pref, 64, model=model)
-    expected = normalize_weights(impact_scores(model, sb, g, "jvp", beta=BETA), mode="mean")
-    got = torch.tensor([w[r["id"]] for r in pref])
+    expected = normalize_weights(impact_scores(model, sb, g, "jvp", beta=BETA, npo_normalize=False), mode="mean")
+    assert not torch.allclose(expected, normalize_weights(impact_scores(model, sb, g, "jvp", beta=BETA), mode="mean"))
+    assert all(w[r["_row"]][0] == r["id"] for r in pref)
+    got = torch.tensor([w[r["_row"]][1] for r in pref])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert got.mean() == pytest.approx(1.0, rel=1e-5)
 

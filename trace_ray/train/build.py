@@ -88,7 +88,9 @@ def build_optimizer(params, cfg: RunConfig, total_steps: int):
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config: batch sizes from ``train``, ZeRO stage from ``backend.zero_stage``,
-    precision from ``model.dtype``, clipping from ``optim``; ``backend.deepspeed`` merged on top."""
+    precision from ``train.mixed_precision`` (bf16: DeepSpeed casts the module to bf16 and keeps
+    fp32 master weights in its optimiser) or ``model.dtype=float16`` (its fp16 mode, loss scaling),
+    clipping from ``optim``; ``backend.deepspeed`` merged on top."""
     from trace_ray.config import deep_merge
 
     zero: dict = {"stage": cfg.backend.zero_stage}
@@ -103,7 +105,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.model.dtype == "bfloat16":
+    if cfg.train.mixed_precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.model.dtype == "float16":
         ds["fp16"] = {"enabled": True}

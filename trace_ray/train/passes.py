@@ -52,7 +52,8 @@ class ReferenceLogps:
 
 
 def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None) -> dict:
-    """``{row id: weight}`` for this worker's invert/punish rows (see module docstring)."""
+    """``{row: (id, weight)}`` for this worker's invert/punish rows, keyed by ``row["_row"]`` (the
+    row's position in the training rows; see module docstring)."""
     from trace_ray.impact import dpo_objective, global_gradient, impact_scores
     from trace_ray.logprobs import encode_pairs
     from trace_ray.losses import category_codes
@@ -106,9 +107,11 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
             )
         else:
             b["ref_logps"] = ref_of(b)
+        # Punish rows are scored on NPO without 2/β whatever loss.npo_normalize says: a weight must
+        # not grow with a constant factor of the loss it multiplies, else 2/β counts twice
+        # ((2/β)² ≈ 44 at β = 0.3 against invert rows). docs/method.md, "Punish-row balance".
         scores[s : s + len(chunk)] = impact_scores(
-            model, b, g_J, ic.method, beta=cfg.loss.beta, npo_normalize=cfg.loss.npo_normalize,
-            nll_lambda=cfg.loss.nll_anchor,
+            model, b, g_J, ic.method, beta=cfg.loss.beta, npo_normalize=False, nll_lambda=cfg.loss.nll_anchor,
         ).double()
 
     # Global normalisation (= impact.normalize_weights over every worker's scores at once).
@@ -120,4 +123,4 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
         w, total = torch.ones_like(w), n
     if n:
         w = w / total * (n if ic.normalize == "mean" else 1.0)
-    return {r["id"]: float(x) for r, x in zip(pref, w)}
+    return {r["_row"]: (r["id"], float(x)) for r, x in zip(pref, w)}

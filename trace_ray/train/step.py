@@ -241,6 +241,17 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
     return total, stats
 
 
+def autocast_context(cfg, device, deepspeed: bool = False):
+    """``train.mixed_precision: bf16`` without DeepSpeed: the forward (and so the backward) in bf16
+    under ``torch.autocast``, parameters, gradients and optimiser states stay fp32. DeepSpeed runs
+    its own bf16 mode instead; "no": nothing."""
+    import contextlib
+
+    if cfg.train.mixed_precision != "bf16" or deepspeed:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 STAT_MAX = ("w_max",)
 
 
