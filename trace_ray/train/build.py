@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from trace_ray.train.config import RunConfig
+from trace_ray.train.config import RunConfig, needs_frozen_copy
 
 
 def seed_everything(seed: int) -> None:
@@ -19,15 +19,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:  # pragma: no cover
         pass
-
-
-def needs_frozen_copy(cfg: RunConfig) -> bool:
-    """A second frozen model is held only when nothing cheaper gives the reference."""
-    if cfg.reference.mode == "frozen_copy":
-        return True
-    # precomputed log-probs cover the preference terms; the retain KL still needs reference
-    # logits: from the adapter-disabled base with LoRA, else from a frozen copy.
-    return cfg.reference.mode == "precomputed" and not cfg.model.lora.enabled and cfg.loss.alpha_kl > 0
 
 
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu"):

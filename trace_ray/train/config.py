@@ -301,6 +301,12 @@ class RunConfig:
                 raise ConfigError("impact.refresh_every: not supported with ZeRO-3 (sharded parameters)")
             if self.reference.mode == "frozen_copy":
                 raise ConfigError("reference.mode: frozen_copy is not supported with ZeRO-3; use precomputed")
+        if (self.impact.weights == "impact" and self.impact.refresh_every and not self.model.lora.enabled
+                and not needs_frozen_copy(self)):
+            raise ConfigError(
+                "impact.refresh_every: a full fine-tune with reference.mode=precomputed and no KL holds no reference "
+                "model, so a refresh would score J against the moving θ instead of θ_ref; use "
+                "reference.mode=frozen_copy, LoRA (the adapter-disabled base), or impact.refresh_every=0")
         if self.output.merge_adapter and not self.model.lora.enabled:
             raise ConfigError("output.merge_adapter: only with model.lora.enabled=true")
         if self.output.merge_adapter and self.backend.kind == "deepspeed" and self.backend.zero_stage == 3:
@@ -325,6 +331,15 @@ class RunConfig:
         if kind == "deepspeed" and dt == "bfloat16" and mp != "bf16":
             raise ConfigError("train.mixed_precision: DeepSpeed trains bf16 weights only in its bf16 mode (fp32 master "
                               "weights); set train.mixed_precision=bf16 (model.dtype=bfloat16 then only halves loading memory)")
+
+
+def needs_frozen_copy(cfg: RunConfig) -> bool:
+    """A second frozen model is held only when nothing cheaper gives the reference."""
+    if cfg.reference.mode == "frozen_copy":
+        return True
+    # precomputed log-probs cover the preference terms; the retain KL still needs reference
+    # logits: from the adapter-disabled base with LoRA, else from a frozen copy.
+    return cfg.reference.mode == "precomputed" and not cfg.model.lora.enabled and cfg.loss.alpha_kl > 0
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
