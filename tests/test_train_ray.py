@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ray_nodes import wait_for_checkpoint
 from train_data import run_dict, write_triaged
 
 LN2 = math.log(2.0)
@@ -68,24 +68,6 @@ def train_worker_pids(n: int = 2, timeout: float = 120.0) -> list[int]:
     raise AssertionError(f"not {n} live Ray Train workers under this process")
 
 
-def wait_for_checkpoint(storage, thread, timeout: float = 300.0) -> int:
-    """Block until Ray Train has registered a checkpoint of the run in ``storage`` (every worker
-    reported it; its checkpoint manager's snapshot lists it); returns its step."""
-    import time
-
-    snap = Path(storage) / "realign" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline and thread.is_alive():
-        try:
-            done = json.loads(snap.read_text())["checkpoint_results"]
-        except (OSError, ValueError, KeyError):
-            done = []
-        if done:
-            return int(done[-1]["metrics"]["step"])
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint registered")
-
-
 def test_ddp_two_workers_equal_one_worker_and_survive_a_killed_worker(ray_session, tiny_model_dir, tmp_path):
     """2 workers × batch 4 == 1 worker × batch 4 × 2 accumulation steps, step by step, impact
     weights included (g_J all-reduced, each worker scoring its shard); the first loss is the
@@ -126,7 +108,7 @@ def test_ddp_two_workers_equal_one_worker_and_survive_a_killed_worker(ray_sessio
     run = threading.Thread(target=lambda: result.update(summary=realign(cfg)))
     run.start()
     pids = train_worker_pids()
-    at = wait_for_checkpoint(killed / "ray_train", run)
+    at = wait_for_checkpoint(killed / "ray_train", run.is_alive)
     os.kill(pids[1], signal.SIGKILL)
     run.join(timeout=600)
     assert at < 6 and result["summary"]["resumed_from"] in ([2], [4])  # restarted by Ray Train from a checkpoint
