@@ -127,3 +127,15 @@ def wait_for_checkpoint(storage, alive, timeout: float = 600.0) -> int:
             return int(done[-1]["metrics"]["step"])
         time.sleep(0.02)
     raise AssertionError(f"no checkpoint registered in {storage}")
+
+
+def train_workers(dashboard: str) -> list[dict]:
+    """``[{"node_id", "pid"}]`` of the live Ray Train workers of the cluster whose dashboard (state
+    API) is at ``dashboard``, asked from a fresh process with the cluster's auth settings."""
+    code = ("import json, sys; from ray.util.state import list_actors; print(json.dumps([{'node_id': a.node_id, "
+            "'pid': a.pid} for a in list_actors(address=sys.argv[1], filters=[('class_name', '=', 'RayTrainWorker'), "
+            "('state', '=', 'ALIVE')])]))")
+    r = subprocess.run([sys.executable, "-c", code, dashboard], env=ray_env(), capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
