@@ -58,6 +58,16 @@ def _status(address: str, job_id: str) -> str:
     return m.group(1) if m else out
 
 
+def _submit_ok(address: str, job_id: str, config: Path, out: Path) -> tuple[list[str], str, float]:
+    """Submit and wait; the stage statuses of OUT/pipeline.json, the job's output, the seconds."""
+    t0 = time.time()
+    r = _submit(address, job_id, config)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert _status(address, job_id) == "SUCCEEDED"
+    report = json.loads((out / "pipeline.json").read_text())
+    return [report["stages"][s]["status"] for s in STAGES], r.stdout, time.time() - t0
+
+
 def _markers(out: Path) -> dict:
     return {s: (out / s / "_DONE.json").stat().st_mtime_ns for s in STAGES}
 
@@ -99,13 +109,8 @@ evaluate: {{batch_size: 16, max_length: 96, num_generations: 2, max_new_tokens: 
     assert at < 8 and not (out / "realign" / "_DONE.json").exists()
     stopped_s = time.time() - t0
 
-    t0 = time.time()
-    r = _submit(ray_head, "trace-ray-jobs-test-2", cfg)
-    second_s = time.time() - t0
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert _status(ray_head, "trace-ray-jobs-test-2") == "SUCCEEDED"
-    report = json.loads((out / "pipeline.json").read_text())
-    assert [report["stages"][s]["status"] for s in STAGES] == ["skipped", "ran", "ran"]
+    statuses, _, second_s = _submit_ok(ray_head, "trace-ray-jobs-test-2", cfg, out)
+    assert statuses == ["skipped", "ran", "ran"]
     assert (out / "triage" / "_DONE.json").stat().st_mtime_ns == triage_marker
     realign = json.loads((out / "realign" / "summary.json").read_text())
     assert realign["resumed_from"] and realign["resumed_from"][0] >= at  # resumed, not trained again
@@ -122,15 +127,10 @@ evaluate: {{batch_size: 16, max_length: 96, num_generations: 2, max_new_tokens: 
     assert metrics["rows"] == n_in and metrics["counts"] == summary["counts"]
     before = _markers(out)
 
-    t0 = time.time()
-    r = _submit(ray_head, "trace-ray-jobs-test-3", cfg)
-    third_s = time.time() - t0
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert _status(ray_head, "trace-ray-jobs-test-3") == "SUCCEEDED"
-    report = json.loads((out / "pipeline.json").read_text())
-    assert [report["stages"][s]["status"] for s in STAGES] == ["skipped"] * 3
+    statuses, stdout, third_s = _submit_ok(ray_head, "trace-ray-jobs-test-3", cfg, out)
+    assert statuses == ["skipped"] * 3
     assert _markers(out) == before
-    assert "already done" in r.stdout
+    assert "already done" in stdout
     print(f"stopped submission {stopped_s:.0f} s, resubmission {second_s:.0f} s, third (all skipped) {third_s:.0f} s")
 
 
