@@ -1,0 +1,36 @@
+"""Graceful shutdown at the front door: requests in flight are counted, and once the replica is
+draining every new request (``/healthz`` included, so load balancers stop sending) gets a 503
+with ``Retry-After`` while those in flight run to their end.
+
+A pure ASGI middleware, so a streamed answer counts until its last byte is sent.
+``serve/runner.py`` calls ``Gateway.drain`` and polls ``Gateway.inflight`` on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+
+STATE = {"inflight": 0, "draining": False}  # per replica process
+
+_BODY = json.dumps({"error": {"message": "the server is shutting down; retry shortly (another replica may answer)",
+                              "type": "service_unavailable", "param": None, "code": 503}}).encode()
+
+
+class Drain:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if STATE["draining"]:
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"connection", b"close"), (b"content-length", str(len(_BODY)).encode())]})
+            await send({"type": "http.response.body", "body": _BODY})
+            return
+        STATE["inflight"] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            STATE["inflight"] -= 1
