@@ -22,7 +22,6 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import openai_format as oa
-from serve.drain import STATE as DRAIN
 from serve.drain import Drain
 from serve.schemas import (
     ChatRequest,
@@ -214,11 +213,11 @@ class Gateway:
     # -- shutdown (serve/runner.py) ------------------------------------------------------------
     def drain(self) -> int:
         """Refuse new requests from now on; returns how many are in flight."""
-        DRAIN["draining"] = True
-        return DRAIN["inflight"]
+        app.state.draining = True
+        return self.inflight()
 
     def inflight(self) -> int:
-        return DRAIN["inflight"]
+        return getattr(app.state, "inflight", 0)
 
     # -- small helpers -----------------------------------------------------------------------
     def _adapter(self, requested: str | None) -> tuple[str | None, str]:

@@ -20,6 +20,10 @@ import time
 APP_NAME = "trace-ray"
 
 
+class _Interrupted(BaseException):
+    """A stop signal while the app was still being deployed."""
+
+
 def _log(msg: str) -> None:
     print(f"trace-ray serve: {msg}", flush=True)
 
@@ -45,22 +49,29 @@ def serve_forever(settings, *, host: str, port: int, address: str | None = None,
     state = resolve_state(settings)  # validates model, adapters and policies before Ray starts
     app = build_from_settings(settings, state=state)
     ensure_ray(address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    _log(f"ready at http://{host}:{port} (GET /v1/models, /v1/policies, POST /v1/chat/completions, "
-         f"/v1/completions, /v1/triage; GET /healthz)")
-    if not block:
-        return 0
-
     stop = threading.Event()
     received: list[int] = []
+    starting = [block]
 
     def on_signal(signum, frame):  # runs in the main thread, between its waits
         received.append(signum)
         stop.set()
+        if starting[0]:  # still deploying: abandon it
+            raise _Interrupted()
 
-    signal.signal(signal.SIGTERM, on_signal)  # replaces Ray's handler (a stack dump, exit 15)
-    signal.signal(signal.SIGINT, on_signal)
+    if block:  # replaces Ray's handlers (SIGTERM: a stack dump and an abort)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        starting[0] = False
+    except _Interrupted:
+        return shutdown(grace_s, signal.Signals(received[0]).name, received)
+    _log(f"ready at http://{host}:{port} (GET /v1/models, /v1/policies, POST /v1/chat/completions, "
+         f"/v1/completions, /v1/triage; GET /healthz)")
+    if not block:
+        return 0
     key = config_key(state.user_configs())
     while not stop.wait(reload_s if reload_s > 0 else None):
         try:
