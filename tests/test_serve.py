@@ -870,3 +870,60 @@ def test_cli_rejects_bad_settings_before_starting(tiny_model_dir, capsys):
     assert "limits.max_tokens" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_model_dir), "--policy", "v2=/nope.yaml"]) == 2
     assert "/nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_vllm_path_forwards_every_field_unchanged():
+    """The vLLM path (not run here: no GPU, no vllm wheel) validates the client's body with
+    ray.serve.llm's request models and hands it on. With stand-ins for those models (vLLM's keep
+    unknown fields, as these do), every field a client sends reaches LLMServer as sent; the
+    Gateway only drops its own ``guard``, names the model ``<base>:<adapter>`` and applies limits."""
+    from types import SimpleNamespace
+
+    from pydantic import BaseModel, ConfigDict
+
+    from serve.models import ModelTable
+    from serve.schemas import ClientError
+    from serve.settings import Limits
+    from serve.vllm_backend import VLLMForwarder
+
+    class _Req(BaseModel):  # the fields VLLMForwarder reads; vLLM's models have these and many more
+        model_config = ConfigDict(extra="allow")
+        model: str
+        max_tokens: int | None = None
+        max_completion_tokens: int | None = None
+        n: int | None = 1
+        stop: str | list[str] | None = None
+        stream: bool | None = False
+
+    class Chat(_Req):
+        messages: list[dict]
+
+    class Completion(_Req):
+        prompt: str | list[str] | list[int]
+
+    table = ModelTable("Qwen/Qwen2.5-7B-Instruct", "qwen", {"v3": "s3://b/adapters/v3"})
+    gateway = SimpleNamespace(limits=Limits(max_tokens=64, max_n=4, max_text_chars=100),
+                              _want_guard=lambda asked: bool(asked),
+                              _adapter=lambda m: (table.resolve(m), m if ":" in (m or "") else f"qwen:{m}" if m else "qwen"))
+    fwd = VLLMForwarder(None, table, models=(Chat, Completion, None))
+    sent = {"model": "v3", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 16, "n": 2, "stop": ["\n"], "logprobs": True, "top_logprobs": 5, "seed": 7,
+            "presence_penalty": 0.5, "frequency_penalty": 0.2, "logit_bias": {"42": -100}, "top_k": 20, "min_p": 0.05,
+            "repetition_penalty": 1.1, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto",
+            "guided_json": {"type": "object"}, "ignore_eos": True, "user": "u-1", "guard": True}
+    request, adapter, model_id, guard, max_tokens = fwd.build("chat", sent, gateway)
+    assert (adapter, model_id, guard, max_tokens) == ("v3", "qwen:v3", True, 16)
+    expected = {k: v for k, v in sent.items() if k != "guard"} | {"model": "qwen:v3"}
+    assert request.model_dump(exclude_unset=True) == expected
+    request, *_ = fwd.build("completion", {"prompt": "hi", "echo": True, "best_of": 3}, gateway)
+    assert request.model_dump(exclude_unset=True) == {"model": "qwen", "prompt": "hi", "echo": True, "best_of": 3,
+                                                      "max_tokens": Limits().default_max_tokens}
+    for body, status, needle in [({"prompt": "hi", "n": 5}, 422, "n is 5"),
+                                 ({"prompt": "hi", "max_tokens": 65}, 422, "limit is 64"),
+                                 ({"prompt": "x" * 101}, 413, "prompt[0]"),
+                                 ({"prompt": "hi", "stream": True, "guard": True}, 400, "guard"),
+                                 ({"prompt": 3.5}, 422, "prompt")]:
+        with pytest.raises(ClientError, match=needle.replace("[", "\\[")) as e:
+            fwd.build("completion", body, gateway)
+        assert e.value.status == status
