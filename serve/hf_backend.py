@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from typing import Any
 
@@ -32,6 +33,7 @@ from ray import serve
 
 from trace_ray.chat import prompt_ids
 
+log = logging.getLogger("ray.serve")
 GREEDY_BELOW = 0.01  # temperatures under this decode greedily (dividing logits by ~0 overflows)
 
 
@@ -119,6 +121,7 @@ class HFGenerator:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos_ids))
         self._lock = threading.Lock()  # one generate() at a time; adapter reloads wait for it
+        self._stops: dict = {}  # stop strings -> StopStringCriteria
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
         if adapters is not None:  # built without Serve (tests, the judge): no user_config
@@ -139,10 +142,14 @@ class HFGenerator:
             for name, spec in wanted.items():
                 if name in self.loaded:
                     continue
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(spec["path"], adapter_name=name)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, spec["path"], adapter_name=name)
+                try:
+                    if isinstance(self.model, PeftModel):
+                        self.model.load_adapter(spec["path"], adapter_name=name)
+                    else:
+                        self.model = PeftModel.from_pretrained(self.model, spec["path"], adapter_name=name)
+                except Exception:  # a broken folder: its requests get "no longer served", the rest go on
+                    log.exception("adapter %s (%s) could not be loaded", name, spec["path"])
+                    continue
                 self.loaded[name] = spec["sig"]
             self.model.eval()
 
@@ -206,14 +213,13 @@ class HFGenerator:
         """Run ``model.generate`` on ``rows`` (left-padded) with ``req``'s sampling, into ``rec``."""
         import torch
         from transformers import StoppingCriteriaList
-        from transformers.generation.stopping_criteria import StopStringCriteria
 
         from trace_ray.chat import left_padded
 
         ids, mask = left_padded(self.tok, rows)
-        stops = [s for s in req.get("stop") or [] if s]
-        criteria = StoppingCriteriaList([rec.criterion(StopStringCriteria(self.tok, stops))] if stops else [])
+        stops = tuple(s for s in req.get("stop") or [] if s)
         with self._lock, torch.inference_mode(), self._adapter_ctx(req.get("model")):
+            criteria = StoppingCriteriaList([rec.criterion(self._stop_criterion(stops))] if stops else [])
             hook = self._lm().register_forward_hook(rec.hook) if rec.top is not None else None
             try:
                 if req.get("seed") is not None:
@@ -223,6 +229,17 @@ class HFGenerator:
             finally:
                 if hook is not None:
                     hook.remove()
+
+    def _stop_criterion(self, stops: tuple[str, ...]):
+        """generate's ``StopStringCriteria`` for ``stops`` (stateless; building one walks the whole
+        vocabulary, ~0.1 s for 50k tokens, so the last 64 are kept)."""
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        crit = self._stops.pop(stops, None) or StopStringCriteria(self.tok, list(stops))
+        self._stops[stops] = crit  # most recently used last
+        while len(self._stops) > 64:
+            self._stops.pop(next(iter(self._stops)))
+        return crit
 
     def _finish(self, req: dict, rec: _Recorder, r: int) -> dict:
         """Row ``r`` as one choice: text (cut before a stop string), finish_reason, tokens, logprobs."""

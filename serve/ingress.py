@@ -33,6 +33,7 @@ from serve.schemas import (
     check_completion,
     check_triage,
     unsupported_fields,
+    validation_message,
 )
 
 log = logging.getLogger("ray.serve")
@@ -153,12 +154,11 @@ def parse(model_cls, data, openai: bool = False):
         return model_cls.model_validate(data)
     except ValidationError as e:
         errs = e.errors()
-        parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in errs[:8]]
         if openai and all(err["type"] == "extra_forbidden" for err in errs):
             where = ".".join(str(x) for x in errs[0]["loc"])
             raise ClientError(400, f"{where}: not supported by this server's transformers backend (hf)",
                               param=where) from None
-        raise ClientError(422, "; ".join(parts)) from None
+        raise ClientError(422, validation_message(e)) from None
 
 
 def _error_kind(message: str) -> str:

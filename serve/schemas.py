@@ -101,6 +101,11 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+def validation_message(e) -> str:
+    """A pydantic ``ValidationError`` as one line naming each field (first 8)."""
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:8])
+
+
 # -- fields the transformers backend does not implement ------------------------------------------
 # Labels with no effect on the answer: accepted with any value.
 INFORMATIONAL = {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",

@@ -84,6 +84,18 @@ def _adapter_dir(folder: Path) -> Path | None:
     return None
 
 
+def _complete(name: str, folder: Path) -> str:
+    """``folder`` if it holds a whole adapter (config and weights), else a ConfigError: a folder
+    still being copied is not loaded half-way."""
+    if not any((folder / w).is_file() for w in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ConfigError(f"adapter {name}: {folder} has no adapter_model.safetensors (still being written?)")
+    try:
+        json.loads((folder / "adapter_config.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"adapter {name}: {folder}/adapter_config.json is not valid JSON ({e})") from None
+    return str(folder)
+
+
 def adapter_folders(sources) -> dict[str, str]:
     """Adapter name → folder (or object-storage URI), in source order."""
     from serve.models import REMOTE, default_adapter_name
@@ -98,12 +110,13 @@ def adapter_folders(sources) -> dict[str, str]:
             continue
         p = Path(path)
         if (p / "adapter_config.json").is_file():
-            _add(out, name or default_adapter_name(path), str(p), "adapter")
+            name = name or default_adapter_name(path)
+            _add(out, name, _complete(name, p), "adapter")
         elif p.is_dir() and not name:
             for sub in sorted(x for x in p.iterdir() if x.is_dir()):
                 found = _adapter_dir(sub)
                 if found is not None:
-                    _add(out, sub.name, str(found), "adapter")
+                    _add(out, sub.name, _complete(sub.name, found), "adapter")
         elif p.is_dir():
             raise ConfigError(f"adapters.{name}: {path} is not a peft adapter folder (no adapter_config.json)")
         else:

@@ -25,7 +25,7 @@ from trace_ray.config import ConfigError
 
 from serve import openai_format as oa
 from serve.models import REMOTE
-from serve.schemas import ClientError, check_generation
+from serve.schemas import ClientError, check_generation, validation_message
 
 
 def check_settings(table, opts) -> None:
@@ -118,8 +118,7 @@ class VLLMForwarder:
         try:
             request = (chat_cls if kind == "chat" else completion_cls).model_validate(data)
         except ValidationError as e:
-            parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:8]]
-            raise ClientError(422, "; ".join(parts)) from None
+            raise ClientError(422, validation_message(e)) from None
         if kind == "chat":
             if len(request.messages) > gateway.limits.max_messages:
                 raise ClientError(413, f"messages has {len(request.messages)} entries; the limit is "
