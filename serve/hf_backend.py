@@ -53,6 +53,7 @@ class _Recorder:
         self.lps: list[list[tuple]] = [[] for _ in range(rows)]
         self.stop_at: list[int | None] = [None] * rows  # tokens up to the one that completed a stop string
         self.top, self.on_step = top, on_step
+        self.cancelled = False  # the client went away: generate() stops at the next step
         self._logp = None
         self._prompt = True
 
@@ -81,19 +82,24 @@ class _Recorder:
         if self.on_step:
             self.on_step()
 
-    def criterion(self, inner):
-        """``inner`` (generate's ``StopStringCriteria``) with the step each row stopped recorded."""
+    def criterion(self, inner=None):
+        """A stopping criterion: ``cancelled`` stops every row; ``inner`` (generate's own
+        ``StopStringCriteria``) stops rows, the step each stopped at recorded."""
+        import torch
         from transformers import StoppingCriteria
 
         rec = self
 
         class _Watched(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                hit = inner(input_ids, scores, **kwargs)
-                for r in hit.nonzero().view(-1).tolist():
-                    if rec.stop_at[r] is None:  # runs before put() of this step: keep that token too
-                        rec.stop_at[r] = len(rec.ids[r]) + 1
-                return hit
+                if inner is None:
+                    hit = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                else:
+                    hit = inner(input_ids, scores, **kwargs)
+                    for r in hit.nonzero().view(-1).tolist():
+                        if rec.stop_at[r] is None:  # runs before put() of this step: keep that token too
+                            rec.stop_at[r] = len(rec.ids[r]) + 1
+                return hit | rec.cancelled
 
         return _Watched()
 
@@ -219,7 +225,7 @@ class HFGenerator:
         ids, mask = left_padded(self.tok, rows)
         stops = tuple(s for s in req.get("stop") or [] if s)
         with self._lock, torch.inference_mode(), self._adapter_ctx(req.get("model")):
-            criteria = StoppingCriteriaList([rec.criterion(self._stop_criterion(stops))] if stops else [])
+            criteria = StoppingCriteriaList([rec.criterion(self._stop_criterion(stops) if stops else None)])
             hook = self._lm().register_forward_hook(rec.hook) if rec.top is not None else None
             try:
                 if req.get("seed") is not None:
@@ -326,10 +332,28 @@ class HFGenerator:
         sent = [0] * len(rows)  # characters sent per choice
         sent_tok = [0] * len(rows)  # logprob entries sent per choice
         want_lp = req.get("logprobs") is not None
+        try:
+            async for piece in self._pieces(req, rec, work, wake, len(rows), hold, stops, sent, sent_tok, want_lp):
+                yield piece
+        finally:
+            rec.cancelled = not work.done()  # the client left (or the stream failed): stop generating
+        work.result()  # a failure in generate() surfaces here
+        total = 0
+        for r in range(len(rows)):
+            final = self._finish(req, rec, r)
+            total += final["completion_tokens"]
+            rest = final["logprobs"][sent_tok[r]:] if final["logprobs"] is not None else None
+            yield {"index": r, "delta": final["text"][sent[r]:], "logprobs": rest,
+                   "finish_reason": final["finish_reason"], "completion_tokens": final["completion_tokens"]}
+        yield {"prompt_tokens": sum(len(e) for e in encoded), "completion_tokens": total}
+
+    async def _pieces(self, req, rec, work, wake, rows, hold, stops, sent, sent_tok, want_lp):
+        """Deltas of every choice as the steps come, text held back where a stop string or an
+        incomplete UTF-8 character may still be forming; ``sent`` / ``sent_tok`` are advanced."""
         while not work.done():
             await wake.wait()
             wake.clear()
-            for r in range(len(rows)):
+            for r in range(rows):
                 ids = rec.ids[r][: req["max_tokens"]]
                 end = next((i for i, t in enumerate(ids) if t in self.eos_ids), rec.stop_at[r])
                 ids = ids[:end] if end is not None else ids
@@ -347,15 +371,6 @@ class HFGenerator:
                     sent_tok[r] += 1
                 yield {"index": r, "delta": text[sent[r]:safe], "logprobs": entries if want_lp else None}
                 sent[r] = safe
-        work.result()  # a failure in generate() surfaces here
-        total = 0
-        for r in range(len(rows)):
-            final = self._finish(req, rec, r)
-            total += final["completion_tokens"]
-            rest = final["logprobs"][sent_tok[r]:] if final["logprobs"] is not None else None
-            yield {"index": r, "delta": final["text"][sent[r]:], "logprobs": rest,
-                   "finish_reason": final["finish_reason"], "completion_tokens": final["completion_tokens"]}
-        yield {"prompt_tokens": sum(len(e) for e in encoded), "completion_tokens": total}
 
 
 def hf_deployment(opts) -> "serve.Deployment":

@@ -61,7 +61,7 @@ class _Sampling(_OpenAI):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit seed, as vLLM takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     guard: bool | None = None  # trace-ray extension: check each answer against the policy

@@ -568,6 +568,8 @@ BAD = [
     ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "top_logprobs": 21, "logprobs": True}).encode(), 422, "top_logprobs"),
     ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "top_logprobs": 2}).encode(), 422, "needs logprobs"),
     ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "seed": "x"}).encode(), 422, "seed"),
+    ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "seed": 2**70}).encode(), 422, "seed"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 422, "temperature"),
     ("/v1/chat/completions", json.dumps({**GOOD_CHAT, "model": "nope"}).encode(), 404, "not served"),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x" * 4001}]}).encode(), 413,
      "limit is 4000"),

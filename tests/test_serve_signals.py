@@ -1,7 +1,7 @@
 """Stopping ``trace-ray serve`` as an operator does: SIGTERM (systemd, Kubernetes) to the process,
 SIGINT (Ctrl-C) to its whole process group, each while a long streamed answer is in flight. The
 answer finishes, new requests are refused (503) meanwhile, Serve and the local Ray go away, and
-the process exits 0. Each test starts its own short-lived server (only its own group is signalled).
+the process exits 0. Before that, a client that leaves mid-answer: its generation stops. Each test starts its own short-lived server (only its own group is signalled).
 
 The model is the shared 1-layer GPT-2 with its 50k-token vocabulary: a greedy answer of 1,000
 tokens (no EOS on this prompt) takes a few seconds on CPU, long enough to be in flight.
@@ -38,6 +38,13 @@ def test_signal_drains_in_flight_requests_and_exits_0(tmp_path, sig, group):
         wait_ready(proc, url)
         children = descendants(proc.pid)
         assert children  # the local Ray: GCS, raylet, workers (replicas)
+        # a client that goes away mid-answer stops its generation: the next request need not wait for it
+        with requests.post(url + "/v1/completions", json=BODY, stream=True, timeout=120) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+        t_left = time.time()
+        assert requests.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=120).status_code == 200
+        after_leaving = time.time() - t_left
         got: dict = {}
         first_chunk = threading.Event()
 
@@ -51,6 +58,7 @@ def test_signal_drains_in_flight_requests_and_exits_0(tmp_path, sig, group):
                 got["chunks"] = [line for line in lines if line.startswith("data: ")]
 
         t = threading.Thread(target=stream)
+        t_stream = time.time()
         t.start()
         assert first_chunk.wait(120), log.read_text()[-3000:]
         t0 = time.time()
@@ -66,6 +74,7 @@ def test_signal_drains_in_flight_requests_and_exits_0(tmp_path, sig, group):
                 break  # already gone: the check below on the log says whether the answer was in flight
             time.sleep(0.05)
         t.join(120)
+        t_stream = time.time() - t_stream
         code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -88,6 +97,7 @@ def test_signal_drains_in_flight_requests_and_exits_0(tmp_path, sig, group):
     assert sorted(e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]) \
         == ["length", "length"]
     assert "trace-ray serve: stopped" in text and "Traceback" not in text
+    assert after_leaving < t_stream / 2, (after_leaving, t_stream)  # the abandoned answer did not run to its end
     import psutil
 
     def running(pid):
