@@ -12,7 +12,7 @@ left-padded into one ``model.generate``; a request with a ``seed`` runs alone af
 ``torch.manual_seed(seed)``, so the same request gives the same answer whatever else is in flight.
 ``stream`` runs one request (all its rows) and yields text deltas per choice.
 
-What the model produced is recorded per decoding step by ``_Recorder``: the token each row took
+What the model produced is recorded per decoding step by ``Recorder``: the token each row took
 and, when asked, its log-probability and the top-k alternatives from the model's raw logits (a
 forward hook on the LM, i.e. before temperature / top-p, as vLLM reports them). Stop strings are
 ``generate``'s own ``StopStringCriteria`` (watched per row, so a finished row's padding is never
@@ -31,77 +31,11 @@ from typing import Any
 
 from ray import serve
 
+from serve.decoding import Recorder, apply_stop
 from trace_ray.chat import prompt_ids
 
 log = logging.getLogger("ray.serve")
 GREEDY_BELOW = 0.01  # temperatures under this decode greedily (dividing logits by ~0 overflows)
-
-
-def _apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Cut ``text`` at the earliest stop string; (text, stopped)."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class _Recorder:
-    """Per decoding step, per row: the token id, and (``top`` is not None) its log-probability and
-    the ``top`` most likely alternatives. A ``generate`` streamer (``put``) plus a forward hook on
-    the LM (``hook``: the raw next-token logits of the step, read before sampling)."""
-
-    def __init__(self, rows: int, top: int | None, on_step=None):
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.lps: list[list[tuple]] = [[] for _ in range(rows)]
-        self.stop_at: list[int | None] = [None] * rows  # tokens up to the one that completed a stop string
-        self.top, self.on_step = top, on_step
-        self.cancelled = False  # the client went away: generate() stops at the next step
-        self._logp = None
-        self._prompt = True
-
-    def hook(self, module, args, output):
-        import torch
-
-        self._logp = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
-
-    def put(self, value):
-        if self._prompt:  # generate() first hands over the prompt ids
-            self._prompt = False
-            return
-        toks = value.view(-1)
-        if self.top is not None:
-            chosen = self._logp.gather(1, toks.view(-1, 1)).squeeze(1).tolist()
-            vals, idx = self._logp.topk(self.top, dim=-1) if self.top else (None, None)
-            for r in range(len(self.ids)):
-                alts = list(zip(idx[r].tolist(), vals[r].tolist())) if self.top else []
-                self.lps[r].append((chosen[r], alts))
-        for r, t in enumerate(toks.tolist()):
-            self.ids[r].append(t)
-        if self.on_step:
-            self.on_step()
-
-    def end(self):
-        if self.on_step:
-            self.on_step()
-
-    def criterion(self, inner=None):
-        """A stopping criterion: ``cancelled`` stops every row; ``inner`` (generate's own
-        ``StopStringCriteria``) stops rows, the step each stopped at recorded."""
-        import torch
-        from transformers import StoppingCriteria
-
-        rec = self
-
-        class _Watched(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                if inner is None:
-                    hit = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-                else:
-                    hit = inner(input_ids, scores, **kwargs)
-                    for r in hit.nonzero().view(-1).tolist():
-                        if rec.stop_at[r] is None:  # runs before put() of this step: keep that token too
-                            rec.stop_at[r] = len(rec.ids[r]) + 1
-                return hit | rec.cancelled
-
-        return _Watched()
 
 
 class HFGenerator:
@@ -215,7 +149,7 @@ class HFGenerator:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
-    def _generate(self, req: dict, rows: list[list[int]], rec: _Recorder, max_new: int) -> None:
+    def _generate(self, req: dict, rows: list[list[int]], rec: Recorder, max_new: int) -> None:
         """Run ``model.generate`` on ``rows`` (left-padded) with ``req``'s sampling, into ``rec``."""
         import torch
         from transformers import StoppingCriteriaList
@@ -247,7 +181,7 @@ class HFGenerator:
             self._stops.pop(next(iter(self._stops)))
         return crit
 
-    def _finish(self, req: dict, rec: _Recorder, r: int) -> dict:
+    def _finish(self, req: dict, rec: Recorder, r: int) -> dict:
         """Row ``r`` as one choice: text (cut before a stop string), finish_reason, tokens, logprobs."""
         ids, limit = rec.ids[r][: req["max_tokens"]], req["max_tokens"]
         end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
@@ -255,7 +189,7 @@ class HFGenerator:
             end = rec.stop_at[r]
         finish = "stop" if end is not None or len(ids) < limit else "length"
         ids = ids[:end] if end is not None else ids
-        text, _ = _apply_stop(self.tok.decode(ids, skip_special_tokens=True), req.get("stop") or [])
+        text, _ = apply_stop(self.tok.decode(ids, skip_special_tokens=True), req.get("stop") or [])
         return {"text": text, "finish_reason": finish, "completion_tokens": len(ids),
                 "logprobs": self._logprobs(ids, rec.lps[r]) if rec.top is not None and req.get("logprobs") is not None
                 else None, "_ids": ids}
@@ -288,7 +222,7 @@ class HFGenerator:
         for members in groups.values():
             first = reqs[members[0][0]]
             tops = [reqs[i]["logprobs"] for i, _ in members if reqs[i].get("logprobs") is not None]
-            rec = _Recorder(len(members), max(tops) if tops else None)
+            rec = Recorder(len(members), max(tops) if tops else None)
             try:
                 self._generate(first, [e for _, e in members], rec, max(reqs[i]["max_tokens"] for i, _ in members))
             except KeyError as e:  # the adapter was removed by a reload
@@ -324,7 +258,7 @@ class HFGenerator:
         rows = [e for e in encoded for _ in range(n)]
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        rec = _Recorder(len(rows), req.get("logprobs"), on_step=lambda: loop.call_soon_threadsafe(wake.set))
+        rec = Recorder(len(rows), req.get("logprobs"), on_step=lambda: loop.call_soon_threadsafe(wake.set))
         work = asyncio.ensure_future(asyncio.to_thread(self._generate, req, rows, rec, req["max_tokens"]))
         work.add_done_callback(lambda _: wake.set())
         stops = [s for s in req.get("stop") or [] if s]
@@ -358,7 +292,7 @@ class HFGenerator:
                 end = next((i for i, t in enumerate(ids) if t in self.eos_ids), rec.stop_at[r])
                 ids = ids[:end] if end is not None else ids
                 text = self.tok.decode(ids, skip_special_tokens=True)
-                cut, stopped = _apply_stop(text, stops)
+                cut, stopped = apply_stop(text, stops)
                 safe = len(cut) if stopped else len(text) - hold
                 while safe > sent[r] and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
                     safe -= 1
