@@ -106,7 +106,7 @@ def build_from_settings(s: ServeSettings, api_key: str | None = None, state=None
         llm = vllm_deployment(full, s.vllm)
     else:
         device = "cuda" if s.hf.num_gpus > 0 else None
-        init = [table.base_spec, s.hf.max_batch_size, s.hf.batch_wait_timeout_s, s.hf.dtype, device]
+        init = [table.base_spec, None, s.hf.max_batch_size, s.hf.batch_wait_timeout_s, s.hf.dtype, device]
         llm = _pinned(hf_deployment(s.hf), init + [to_dict(s.hf)], configs["generator"]).bind(*init)
     triage = None
     if state.policies or s.policy:
@@ -115,7 +115,7 @@ def build_from_settings(s: ServeSettings, api_key: str | None = None, state=None
             if backend == "hf" and judge_spec == table.base_spec:
                 judge = llm  # the served base answers the judge: no second copy
             else:
-                init = [judge_spec, s.hf.max_batch_size, s.hf.batch_wait_timeout_s, s.hf.dtype, None]
+                init = [judge_spec, None, s.hf.max_batch_size, s.hf.batch_wait_timeout_s, s.hf.dtype, None]
                 judge = _pinned(hf_deployment(s.hf).options(name="Judge"), init, {"adapters": {}}).bind(*init)
         triage = _pinned(triage_deployment(s.triage_num_cpus), [judge_spec, s.triage_num_cpus],
                          configs["triage"]).bind(judge)

@@ -47,8 +47,8 @@ class HFGenerator:
     drops adapters; requests queued meanwhile run on the new set.
     """
 
-    def __init__(self, base_spec: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-                 dtype: str = "float32", device: str | None = None, adapters: dict | None = None):
+    def __init__(self, base_spec: str, adapters: dict | None = None, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.01, dtype: str = "float32", device: str | None = None):
         from trace_ray.models.load import load_model, load_tokenizer
 
         self.tok = load_tokenizer(base_spec, padding_side="left")
@@ -64,8 +64,8 @@ class HFGenerator:
         self._stops: dict = {}  # stop strings -> StopStringCriteria
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        if adapters is not None:  # built without Serve (tests, the judge): no user_config
-            self._load_adapters(adapters)
+        if adapters:  # {name: folder}, built without Serve (tests); under Serve they come from user_config
+            self._load_adapters({n: {"path": f, "sig": ""} for n, f in adapters.items()})
 
     # -- adapters (user_config) -------------------------------------------------------------------
     async def reconfigure(self, config: dict) -> None:
@@ -108,14 +108,16 @@ class HFGenerator:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     # -- prompt ------------------------------------------------------------------------------
-    def _encode(self, req: dict, prompt) -> list[int]:
+    def _encode(self, req: dict, prompt=None) -> list[int]:
+        """Token ids of ``prompt`` (default: the request's ``messages``, else its first prompt)."""
+        if prompt is None:
+            prompt = req["messages"] if "messages" in req else req["prompts"][0]
         if req.get("judge"):
             # A policy's judge question: rendered and left-truncated exactly as the offline judge
             # (trace_ray.policy.judge.HFJudge) does, so online and offline answers agree.
-            from trace_ray.policy.judge import HFJudge
+            from trace_ray.policy.judge import judge_ids
 
-            ids = self.tok(HFJudge._text(self, prompt), add_special_tokens=False)["input_ids"]
-            return ids[-max(8, (self.max_len or 4096) - req["max_tokens"]):]
+            return judge_ids(self.tok, prompt, max(8, (self.max_len or 4096) - req["max_tokens"]))
         if isinstance(prompt, list):
             # the same rendering as training and evaluation (trace_ray.chat)
             return prompt_ids(self.tok, [{"role": m["role"], "content": m["content"]} for m in prompt])

@@ -63,8 +63,10 @@ class PipelineConfig:
 
     ``realign`` holds ``RunConfig`` fields (``trace_ray.train.config``), merged over the YAML in
     ``realign_config`` when given; ``data.triaged`` and ``output.dir`` are filled in by the
-    pipeline. ``triage`` holds extra keyword arguments of ``trace_ray.triage.run_triage``;
-    ``evaluate`` those of the evaluation function. Relative paths are relative to the working
+    pipeline. ``triage`` holds extra keyword arguments of ``trace_ray.triage.run_triage`` (e.g.
+    ``holdout: 0.1``, ``split: train``, ``prompt_key: question``, ``chosen_key``, ``rejected_key``);
+    ``evaluate`` those of ``trace_ray.evaluate_pairs.evaluate_pairs``, which scores the held-out
+    split (so a config with the evaluate stage sets ``triage.holdout``). Relative paths are relative to the working
     directory (the uploaded ``--working-dir`` under ``ray job submit``).
     """
 
@@ -72,7 +74,7 @@ class PipelineConfig:
     data: str = ""  # preference data (path or URI)
     policy: str = ""  # the new policy YAML (path or URI)
     name: str = "trace-ray"
-    format: Literal["auto", "pairs", "pku", "hh"] = "auto"
+    format: Literal["auto", "pairs", "implicit", "pku", "hh"] = "auto"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     triage: dict[str, Any] = field(default_factory=dict)
     realign_config: str = ""

@@ -9,7 +9,10 @@ Input (``results`` dict; every part optional except ``methods``)::
                                   "curves": [metrics.jsonl rows], "weights": [w_i, ...]}, ...],
                         "lr": picked lr, "lr_search": {lr: val score}, "sample": {...}}}}
 
-``aggregate`` adds, per method, ``mean`` and ``std`` of every scalar metric over its runs.
+``aggregate`` adds, per method, ``mean`` and ``std`` of every scalar metric over its runs. A real
+run (``trace_ray.report_run.collect_run``) adds ``run`` (weights by category, the highest- and
+lowest-weighted samples, the nested metrics) and ``note`` (what the metrics were measured on);
+its extra plots and sections come from ``trace_ray.report_run``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ HEADLINE = [
     ("collateral", "collateral ↓"),
     ("collateral_any_detail", "collateral, any step marker ↓"),
     ("refusal_rise", "refusal rise ↓"),
+    ("refusal_rate", "refusal rate, retain prompts ↓"),
+    ("over_refusal", "over-refusal vs reference ↓"),
     ("well_formed", "well-formed ↑"),
     ("utility_nll", "utility NLL ↓"),
     ("kl_to_ref", "KL to ref ↓"),
@@ -102,22 +107,27 @@ def plot_triage(results: dict, path: Path) -> Path | None:
     return path
 
 
-def plot_weights(results: dict, path: Path) -> Path | None:
-    series = {n: w for n, m in results["methods"].items() for r in m.get("runs", [])[:1] if (w := r.get("weights"))}
+def histograms(series: dict[str, list[float]], path: Path, xlabel: str, title: str) -> Path | None:
+    """Overlaid histograms, one per labelled series (None when there is nothing to plot)."""
     if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
-    for name, w in series.items():
-        ax.hist(w, bins=30, alpha=0.6, label=name)
-    ax.set_xlabel("weight w_i (invert + punish pairs)")
+    for label, xs in series.items():
+        ax.hist(xs, bins=30, alpha=0.6, label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("pairs")
-    ax.set_title("Alignment-impact weights")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_weights(results: dict, path: Path) -> Path | None:
+    series = {n: w for n, m in results["methods"].items() for r in m.get("runs", [])[:1] if (w := r.get("weights"))}
+    return histograms(series, path, "weight w_i (invert + punish pairs)", "Alignment-impact weights")
 
 
 LOSS_PARTS = ("loss", "L_I", "L_II", "L_KL", "L_anchor", "L_retain_nll")
@@ -180,6 +190,10 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         "losses": plot_losses(results, out / "losses.png"),
         "tradeoff": plot_tradeoff(results, out / "tpa_vs_collateral.png"),
     }
+    if results.get("run"):
+        from trace_ray.report_run import run_plots
+
+        plots.update(run_plots(results, out))
     results["plots"] = {k: p.name for k, p in plots.items() if p}
     results["table_markdown"] = markdown_table(results)
     paths = {"json": out / "report.json", "html": out / "report.html"}
@@ -187,6 +201,10 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     paths["html"].write_text(render_html(results))
     paths.update({k: p for k, p in plots.items() if p})
     return paths
+
+
+DEMO_NOTE = ("Metrics on held-out test prompts (unseen objects and phrasings); mean ± std over seeds; "
+             "learning rate picked per method on the validation split.")
 
 
 def render_html(results: dict) -> str:
@@ -220,16 +238,26 @@ def render_html(results: dict) -> str:
             cells = "".join(f"<td>{e(t)}{'*' if v['shifted'] else ''}<br>{v.get('tpa_sampled', v.get('detail_rate')):.2f}</td>"
                             for t, v in pt.items())
             per_topic += f"<tr><td>{e(name)}</td>{cells}</tr>"
+    run_html = ""
+    if results.get("run"):
+        from trace_ray.report_run import run_sections
+
+        run_html = run_sections(results)
+    run_time = f"Run time: {results['runtime_s']:.0f} s. " if results.get("runtime_s") else ""
+    per_topic_html = (f"<h2>Per topic (first seed; * = shifted: sampled TPA, else detailed share)</h2><table>{per_topic}</table>"
+                      if per_topic else "")
+    samples_html = ("<h2>One generation per method on a shifted prompt</h2><table><tr><th>method</th><th>prompt</th>"
+                    f"<th>greedy</th><th>sampled</th></tr>{''.join(samples)}</table>" if samples else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(results.get('title', 'trace-ray report'))}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}figure{{display:inline-block;margin:6px}}code{{font-size:12px}}</style></head><body>
 <h1>{e(results.get('title', 'trace-ray report'))}</h1>
-<p>Run time: {results.get('runtime_s', 0):.0f} s. Metrics on held-out test prompts (unseen objects and phrasings); mean ± std over seeds;
-learning rate picked per method on the validation split.</p>
+<p>{run_time}{e(results.get('note', DEMO_NOTE))}</p>
 {tri_html}
 <h2>Methods × metrics</h2><table><tr><th>method</th>{head}<th>lr</th></tr>{''.join(rows)}</table>
 <h2>Plots</h2>{imgs}
-<h2>Per topic (first seed; * = shifted: sampled TPA, else detailed share)</h2><table>{per_topic}</table>
-<h2>One generation per method on a shifted prompt</h2><table><tr><th>method</th><th>prompt</th><th>greedy</th><th>sampled</th></tr>{''.join(samples)}</table>
+{run_html}
+{per_topic_html}
+{samples_html}
 <h2>Config</h2><pre>{e(json.dumps(results.get('config', {}), indent=1, default=str))}</pre>
 </body></html>"""

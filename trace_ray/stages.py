@@ -86,7 +86,10 @@ def validate(cfg) -> None:
     if "evaluate" in cfg.stages:
         from trace_ray.evaluate_pairs import evaluate_pairs
 
-        _check_kwargs("evaluate", cfg.evaluate, evaluate_pairs, {"model", "triaged", "out_dir", "policy"})
+        _check_kwargs("evaluate", cfg.evaluate, evaluate_pairs, {"model", "data", "out_dir", "policy", "in_sample"})
+        if "triage" in cfg.stages and not cfg.triage.get("holdout"):
+            raise ConfigError("evaluate: the evaluate stage scores the held-out split, and triage sets none; "
+                              "set triage.holdout (e.g. 0.1), or drop evaluate from stages")
     if "serve_check" in cfg.stages:
         from trace_ray.config import deep_merge
 
@@ -117,17 +120,25 @@ def realign(ctx) -> dict:
 
 @STAGE_FUNCS.register("evaluate")
 def evaluate(ctx) -> dict:
-    """Metrics of the re-aligned model on the triaged pairs (``trace_ray.evaluate_pairs``)."""
+    """Metrics of the re-aligned model on the held-out split that triage set aside
+    (``OUT/triage/heldout.parquet``, never trained on; ``trace_ray.evaluate_pairs``)."""
     from trace_ray.evaluate_pairs import evaluate_pairs
 
+    try:
+        heldout = upstream(ctx, "triage", "heldout.parquet")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{upstream(ctx, 'triage')} holds no heldout.parquet: the evaluate stage needs a "
+                                "held-out split; set triage.holdout (e.g. 0.1) and rerun triage") from None
     metrics = evaluate_pairs(
         model=model_output(upstream(ctx, "realign")),
-        triaged=upstream(ctx, "triage", "triaged.parquet"),
+        data=heldout,
         policy=storage.localize(ctx.cfg.policy),
         out_dir=ctx.local_dir,
         **ctx.cfg.evaluate,
     )
-    return {k: v for k, v in metrics.items() if k != "generations"}
+    return {k: v for k, v in metrics.items() if k in ("split", "rows", "counts", "tpa_greedy", "tpa_sampled",
+                                                       "refusal_rate", "over_refusal", "utility_nll", "kl_to_ref",
+                                                       "pref_accuracy")}
 
 
 @STAGE_FUNCS.register("serve_check")
@@ -149,13 +160,15 @@ def serve_check(ctx) -> dict:
 # the stage's output folder given directly instead of OUT/<stage>.
 
 
-def triage_job(data: str, policy: str, out: str, format: str = "auto", force: bool = False) -> dict:
-    """Triage ``data`` with ``policy`` into ``out`` (``triaged.parquet``, ``summary.json``)."""
+def triage_job(data: str, policy: str, out: str, format: str = "auto", force: bool = False, **options) -> dict:
+    """Triage ``data`` with ``policy`` into ``out`` (``triaged.parquet``, ``summary.json``, and the
+    held-out / validation splits); ``options``: more ``run_triage`` keyword arguments."""
     from trace_ray.pipeline import PipelineConfig, content_id, fingerprint, run_stage, StageContext
 
-    cfg = from_dict(PipelineConfig, {"out": out, "data": data, "policy": policy, "format": format, "stages": ["triage"]})
+    cfg = from_dict(PipelineConfig, {"out": out, "data": data, "policy": policy, "format": format, "stages": ["triage"],
+                                     "triage": options})
     validate(cfg)
-    fp = fingerprint("triage", content_id(data), format, content_id(policy), {})
+    fp = fingerprint("triage", content_id(data), format, content_id(policy), options)
     return run_stage("triage", out, fp, lambda local, uri: triage(
         StageContext(cfg=cfg, stage="triage", uri=uri, local_dir=local, fingerprints={"triage": fp})), force=force)
 
