@@ -25,12 +25,18 @@ like on the same (possibly busy) machine; the load average is recorded.
 Per side: ``run_s`` (the training loop, first step included), ``samples_per_s`` = rows / run_s,
 ``step_s`` (per optimizer step, from the loop or the trainer's step callbacks), ``peak_rss_mb``
 (``ru_maxrss`` of the process), ``rss_start_mb`` (after building the model, before training) and
-``peak_rss_above_start_mb``. ``--vocab N`` gives the model an N-token vocabulary (the GPT-2
-tokenizer's ids are a subset) to see what memory does as the vocabulary grows.
+``peak_rss_above_start_mb``. ``--vocabs 50257,151936`` runs every side once per vocabulary size
+(the GPT-2 tokenizer's ids are a subset of a larger one) and reports how each side's peak grows.
+glibc keeps freed large blocks in its heap once its mmap threshold has grown, so RSS also counts
+memory that is free; ``--malloc-mmap-threshold 131072`` (``MALLOC_MMAP_THRESHOLD_`` in the
+children) returns them to the system, so RSS follows live memory. The JSON records which.
 
 Run (CPU; some minutes on 2 shared cores):
     .venv/bin/python benchmarks/train_step.py --authors-repo /path/to/TRACE --with-full-kl \
         --out benchmarks/results/train_step_cpu.json
+    .venv/bin/python benchmarks/train_step.py --authors-repo /path/to/TRACE --with-full-kl \
+        --sides authors,ours_full_kl,ours --vocabs 50257,151936 --malloc-mmap-threshold 131072 \
+        --out benchmarks/results/train_step_vocab_cpu.json
 """
 
 from __future__ import annotations
@@ -61,7 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8, help="optimizer steps of each whole run")
     p.add_argument("--hidden", type=int, default=128, help="model hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
-    p.add_argument("--vocab", type=int, default=None, help="model vocabulary size (default: the tokenizer's, 50,257)")
+    p.add_argument("--vocabs", default="50257", help="comma-separated model vocabulary sizes; every side runs at each")
+    p.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)  # set per child
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                   help="MALLOC_MMAP_THRESHOLD_ for the children (e.g. 131072: RSS then follows live memory)")
     p.add_argument("--lora-r", type=int, default=32, help="LoRA rank (q_proj, v_proj)")
     p.add_argument("--max-length", type=int, default=256, help="max tokens per prompt+response")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each child")
@@ -272,14 +281,27 @@ def authors_provenance(repo: str) -> dict:
     return info
 
 
-def run_child(which: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, *argv]
+def run_child(which: str, argv: list[str], vocab: int, mmap_threshold: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--vocab", str(vocab), *argv]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{which} failed:\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def ratios_of(runs: dict) -> dict:
+    out = {}
+    for base in ("authors", "trl", "ours_full_kl"):
+        if base in runs and "ours" in runs:
+            o, b = runs["ours"], runs[base]
+            out[f"ours_vs_{base}"] = {"samples_per_s": o["samples_per_s"] / b["samples_per_s"],
+                                      "peak_rss": o["peak_rss_mb"] / b["peak_rss_mb"],
+                                      "peak_rss_above_start": o["peak_rss_above_start_mb"] / b["peak_rss_above_start_mb"]}
+    return out
 
 
 def main(argv=None) -> int:
@@ -291,43 +313,50 @@ def main(argv=None) -> int:
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    argv = list(argv if argv is not None else sys.argv[1:])
+    drop = {"--vocabs", "--out", "--sides", "--malloc-mmap-threshold"}  # handled here, not by the children
+    child_argv = [a for i, a in enumerate(argv) if a.split("=")[0] not in drop and (i == 0 or argv[i - 1] not in drop)]
     sides = args.sides.split(",") if args.sides else [s for s in SIDES if s != "ours_full_kl" or args.with_full_kl]
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "out", "sides")},
+    vocabs = [int(v) for v in args.vocabs.split(",")]
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "out", "sides", "vocab")},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-              "rows_per_run": args.batch * args.steps}
+              "rows_per_run": args.batch * args.steps, "sides": sides,
+              "memory_accounting": ("MALLOC_MMAP_THRESHOLD_=%d: RSS follows live memory" % args.malloc_mmap_threshold
+                                    if args.malloc_mmap_threshold else "glibc default: RSS includes freed heap blocks")}
     if "authors" in sides and not args.authors_repo:
         sides.remove("authors")
-        result["authors"] = {"skipped": "no --authors-repo given: the authors' loop was not measured"}
+        result["authors_skipped"] = "no --authors-repo given: the authors' loop was not measured"
     if args.authors_repo:
         result["authors_code"] = authors_provenance(args.authors_repo)
-    for which in sides:
-        r = run_child(which, argv)
-        steps = r["step_s"]
-        result[which] = {
-            "run_s": r["run_s"], "samples_per_s": args.batch * args.steps / r["run_s"],
-            "step_s_mean": sum(steps) / len(steps) if steps else None, "step_s_min": min(steps) if steps else None,
-            "peak_rss_mb": r["peak_rss_mb"], "rss_start_mb": r["rss_start_mb"],
-            "peak_rss_above_start_mb": r["peak_rss_mb"] - r["rss_start_mb"], "step_s": steps,
-            "load_avg_1m_after": os.getloadavg()[0],
-        }
-        print(f"{which}: {result[which]['samples_per_s']:.2f} samples/s over the whole run, peak RSS "
-              f"{r['peak_rss_mb']:.0f} MB ({result[which]['peak_rss_above_start_mb']:.0f} MB above the start)", flush=True)
-    ratios = {}
-    for base in ("authors", "trl", "ours_full_kl"):
-        if "run_s" in result.get(base, {}) and "ours" in result:
-            ratios[f"ours_vs_{base}"] = {
-                "samples_per_s": result["ours"]["samples_per_s"] / result[base]["samples_per_s"],
-                "peak_rss": result["ours"]["peak_rss_mb"] / result[base]["peak_rss_mb"],
-                "peak_rss_above_start": result["ours"]["peak_rss_above_start_mb"] / result[base]["peak_rss_above_start_mb"],
+    result["runs"], result["ratios"] = {}, {}
+    for vocab in vocabs:
+        runs = {}
+        for which in sides:
+            r = run_child(which, child_argv, vocab, args.malloc_mmap_threshold)
+            steps = r["step_s"]
+            runs[which] = {
+                "run_s": r["run_s"], "samples_per_s": args.batch * args.steps / r["run_s"],
+                "step_s_mean": sum(steps) / len(steps) if steps else None, "step_s_min": min(steps) if steps else None,
+                "peak_rss_mb": r["peak_rss_mb"], "rss_start_mb": r["rss_start_mb"],
+                "peak_rss_above_start_mb": r["peak_rss_mb"] - r["rss_start_mb"], "step_s": steps,
+                "load_avg_1m_after": os.getloadavg()[0],
             }
-    result["ratios"] = ratios
+            print(f"V={vocab} {which}: {runs[which]['samples_per_s']:.2f} samples/s over the whole run, peak RSS "
+                  f"{r['peak_rss_mb']:.0f} MB ({runs[which]['peak_rss_above_start_mb']:.0f} MB above the start)", flush=True)
+        result["runs"][str(vocab)], result["ratios"][str(vocab)] = runs, ratios_of(runs)
+    if len(vocabs) > 1:
+        first, last = result["runs"][str(vocabs[0])], result["runs"][str(vocabs[-1])]
+        result["vocab_growth_mb"] = {  # peak above the start: what training adds, the larger model excluded
+            s: last[s]["peak_rss_above_start_mb"] - first[s]["peak_rss_above_start_mb"] for s in sides}
     result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    for k, v in ratios.items():
-        print(f"{k}: {v['samples_per_s']:.2f}× the samples/s, {v['peak_rss']:.2f}× the peak RSS "
-              f"({v['peak_rss_above_start']:.2f}× above the start)")
+    for vocab, rat in result["ratios"].items():
+        for k, v in rat.items():
+            print(f"V={vocab} {k}: {v['samples_per_s']:.2f}× the samples/s, {v['peak_rss']:.2f}× the peak RSS "
+                  f"({v['peak_rss_above_start']:.2f}× above the start)")
+    for k, v in result.get("vocab_growth_mb", {}).items():
+        print(f"{k}: training's peak grows by {v:.0f} MB from V={vocabs[0]} to V={vocabs[-1]}")
     print(f"→ {args.out}")
     return 0
 

@@ -1,11 +1,12 @@
-"""The evaluate stage alone as a job: the re-aligned model of OUT/realign scored on OUT/triage's pairs.
+"""The evaluate stage alone as a job: the re-aligned model of OUT/realign scored on OUT/triage's held-out split.
 
   ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
       -- python jobs/evaluate.py --config configs/real/qwen2.5-7b_pku.yaml out=s3://BUCKET/runs/qwen2.5-7b-pku
   python jobs/evaluate.py --config configs/real/smollm2_pku_cpu.yaml evaluate.limit=16   # no cluster
 
 Takes the pipeline config jobs/pipeline.py takes and runs only its `evaluate` stage
-(trace_ray.evaluate_pairs, with the config's `evaluate:` keyword arguments), after checking that
+(trace_ray.evaluate_pairs on OUT/triage/heldout.parquet, with the config's `evaluate:` keyword
+arguments; the config's triage.holdout must have set that split aside), after checking that
 OUT/triage and OUT/realign were finished with this same config (their _DONE.json fingerprints).
 Writes OUT/evaluate/metrics.json and OUT/evaluate/_DONE.json; skipped when already done. The
 evaluation runs in this (driver) process: on a cluster, submit to a head with a GPU or pass

@@ -86,7 +86,7 @@ format: pku
 policy: {ROOT}/configs/policies/pku_harm_v2.yaml
 out: {out}
 stages: [triage, realign, evaluate]
-triage: {{pku_chosen: better}}
+triage: {{pku_chosen: better, holdout: 0.3}}
 realign:
   model: {{name: {tiny_model_dir}, lora: {{enabled: true, r: 4, alpha: 8}}}}
   reference: {{mode: adapter_disabled}}
@@ -94,7 +94,7 @@ realign:
   train: {{batch_size: 8, max_steps: 8, checkpoint_every: 2}}
   data: {{max_length: 96}}
   logging: {{progress: false}}
-evaluate: {{batch_size: 16, max_length: 96, num_generations: 2, max_new_tokens: 8}}
+evaluate: {{batch_size: 16, max_length: 96, max_prompts: 2, num_samples: 1, max_new_tokens: 8}}
 """)
     t0 = time.time()
     r = _submit(ray_head, "trace-ray-jobs-test-1", cfg, wait=False)
@@ -118,13 +118,16 @@ evaluate: {{batch_size: 16, max_length: 96, num_generations: 2, max_new_tokens: 
 
     n_in = sum(1 for line in pku_path.read_text().splitlines() if line.strip())
     table = pq.read_table(out / "triage" / "triaged.parquet")
+    heldout = pq.read_table(out / "triage" / "heldout.parquet")
     summary = json.loads((out / "triage" / "summary.json").read_text())
-    assert table.num_rows == n_in == summary["total"]
-    assert len(set(table.column("id").to_pylist())) == n_in  # every row once
+    assert table.num_rows + heldout.num_rows == n_in == summary["total"] and heldout.num_rows > 0
+    ids = table.column("id").to_pylist() + heldout.column("id").to_pylist()
+    assert len(set(ids)) == n_in  # every row once, on one side
     assert sum(summary["counts"].values()) == n_in
     assert (out / "realign" / "adapter" / "adapter_config.json").exists()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert metrics["rows"] == n_in and metrics["counts"] == summary["counts"]
+    assert metrics["split"] == "heldout" and metrics["rows"] == heldout.num_rows
+    assert metrics["counts"] == summary["splits"]["heldout"]["counts"]
     before = _markers(out)
 
     statuses, stdout, third_s = _submit_ok(ray_head, "trace-ray-jobs-test-3", cfg, out)
@@ -160,14 +163,15 @@ def test_evaluate_job_runs_only_the_evaluate_stage(tmp_path, tiny_model_dir, pku
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(f"name: eval-job\ndata: {pku_path}\nformat: pku\npolicy: {policy}\nout: {out}\n"
                    "realign: {model: {name: m}}\n"
-                   "evaluate: {limit: 12, batch_size: 12, max_length: 64, num_generations: 1, max_new_tokens: 4}\n")
+                   "evaluate: {limit: 12, batch_size: 12, max_length: 64, max_prompts: 2, num_samples: 1, "
+                   "max_new_tokens: 4}\n")
     r = _evaluate_job("--config", str(cfg))
     assert r.returncode == 2 and "--stages triage,realign" in r.stderr, r.stderr
 
     fps = plan(load_pipeline_config(str(cfg), []))
     rows = triage_records(load_policy(policy), list(iter_records(pku_path, "pku")))
     (out / "triage").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / "triage" / "triaged.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), out / "triage" / "heldout.parquet")  # what evaluate reads
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
                            LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -183,9 +187,9 @@ def test_evaluate_job_runs_only_the_evaluate_stage(tmp_path, tiny_model_dir, pku
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text())["stages"]["evaluate"]["status"] == "ran"
     got = json.loads((out / "evaluate" / "metrics.json").read_text())
-    want = evaluate_pairs(str(out / "realign" / "adapter"), str(out / "triage" / "triaged.parquet"),
+    want = evaluate_pairs(str(out / "realign" / "adapter"), str(out / "triage" / "heldout.parquet"),
                           str(tmp_path / "direct"), str(policy), limit=12, batch_size=12, max_length=64,
-                          num_generations=1, max_new_tokens=4)
+                          max_prompts=2, num_samples=1, max_new_tokens=4, show_progress=False)
     assert got["rows"] == want["rows"] == 12 and got["counts"] == want["counts"]
     assert json.dumps(got, sort_keys=True) == json.dumps(json.loads(json.dumps(want)), sort_keys=True)
     r = _evaluate_job("--config", str(cfg))

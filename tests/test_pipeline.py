@@ -138,6 +138,8 @@ def test_dry_run_plans_every_stage(tmp_path, pku_path):
     cfg.write_text(f"data: {pku_path}\nformat: pku\npolicy: {ROOT}/configs/policies/pku_harm_v2.yaml\n"
                    f"out: {tmp_path}/o\nrealign: {{model: {{name: m}}}}\n")
     r = _job("jobs/pipeline.py", "--config", str(cfg), "--dry-run")
+    assert r.returncode == 2 and "set triage.holdout" in r.stderr, r.stderr  # evaluate needs a held-out split
+    r = _job("jobs/pipeline.py", "--config", str(cfg), "--dry-run", "triage.holdout=0.2")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout[r.stdout.index("{"):])
     assert [s["status"] for s in report["stages"].values()] == ["planned"] * 4

@@ -60,9 +60,13 @@ def test_hh_transcripts_split_into_prompt_and_responses(hh_path):
             continue
         assert rec["_error"] is None
         assert rec["chosen"] == last_c and rec["rejected"] == last_r
-        assert row["chosen"].startswith(rec["prompt"]) and rec["prompt"].endswith("\n\nAssistant:")
-        msgs = json.loads(rec["meta"])["messages"]
-        assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "user"
+        # the prompt is kept as a conversation: the transcript's turns up to the cut, as messages
+        turns = re.findall(r"\n\n(Human|Assistant):(.*?)(?=\n\n(?:Human|Assistant):|$)", row["chosen"][:cut], re.S)
+        want = [{"role": "user" if who == "Human" else "assistant", "content": " ".join(text.split())}
+                for who, text in turns][:-1]  # the last one is the open "Assistant:" turn
+        got = json.loads(rec["prompt"])
+        assert [{"role": m["role"], "content": " ".join(m["content"].split())} for m in got] == want
+        assert got[0]["role"] == "user" and got[-1]["role"] == "user"
     assert empty == sum(r["_error"] is not None for r in recs) and empty > 0
 
 

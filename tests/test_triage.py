@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -36,26 +37,38 @@ def _sha_id(prompt, chosen, rejected):
     return h.hexdigest()[:16]
 
 
-def expected_pku(path):
-    """PKU rows, chosen = better_response_id, the policy's logic written out from its YAML."""
-    spec = yaml.safe_load(PKU_POLICY.read_text())
-    sev_min = next(r["severity_at_least"] for r in spec["rules"] if "severity_at_least" in r)
-    zero = set(next(r["harm_category"] for r in spec["rules"] if "harm_category" in r))
-    out = {}
+def pku_rows(path):
+    """``(id, raw row, index of the chosen response)`` per PKU row, chosen = better_response_id."""
     for line in path.read_text().splitlines():
         row = json.loads(line)
         c = row["better_response_id"]
-
-        def bad(i):
-            flagged = {k for k, v in row[f"response_{i}_harm_category"].items() if v}
-            return row[f"response_{i}_severity_level"] >= sev_min or bool(flagged & zero)
-
-        out[_sha_id(row["prompt"], row[f"response_{c}"], row[f"response_{1 - c}"])] = _category(bad(c), bad(1 - c))
-    return out
+        yield _sha_id(row["prompt"], row[f"response_{c}"], row[f"response_{1 - c}"]), row, c
 
 
-def expected_hh(path):
-    """HH transcripts cut at the last shared Assistant turn; keywords and regexes via stdlib re."""
+def pku_bad(row, i, sev_min, zero=frozenset()):
+    """Response i breaks a PKU metadata policy: severity >= sev_min or a flagged category in ``zero``."""
+    flagged = {k for k, v in row[f"response_{i}_harm_category"].items() if v}
+    return row[f"response_{i}_severity_level"] >= sev_min or bool(flagged & set(zero))
+
+
+def pku_policy_terms(path=PKU_POLICY):
+    """(severity threshold, zero-tolerance categories) read from a PKU policy YAML."""
+    spec = yaml.safe_load(path.read_text())
+    sev_min = next(r["severity_at_least"] for r in spec["rules"] if "severity_at_least" in r)
+    zero = set(next((r["harm_category"] for r in spec["rules"] if "harm_category" in r), []))
+    return sev_min, zero
+
+
+def expected_pku(path):
+    """PKU rows, chosen = better_response_id, the policy's logic written out from its YAML."""
+    sev_min, zero = pku_policy_terms()
+    return {key: _category(pku_bad(row, c, sev_min, zero), pku_bad(row, 1 - c, sev_min, zero))
+            for key, row, c in pku_rows(path)}
+
+
+@functools.lru_cache(maxsize=1)
+def hh_checks():
+    """The HH policy's rules written out with stdlib re (keywords: whole words, any case)."""
     spec = yaml.safe_load(HH_POLICY.read_text())
     checks = []
     for r in spec["rules"]:
@@ -67,6 +80,17 @@ def expected_hh(path):
             for f in r.get("flags", []):
                 flags |= getattr(re, f)
             checks.extend(re.compile(p, flags) for p in r["patterns"])
+    return checks
+
+
+def hh_bad(text: str) -> bool:
+    """Non-compliant under the HH policy (every rule reads the response)."""
+    return any(p.search(text) for p in hh_checks())
+
+
+def expected_hh(path):
+    """HH transcripts cut at the last shared Assistant turn; keywords and regexes via stdlib re."""
+    checks = hh_checks()
     cats = Counter()
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:

@@ -62,8 +62,11 @@ def policy_oracle(policy) -> Oracle:
 # ----------------------------------------------------------------------------- generation
 def generate(model, tokenizer, prompts: list[str], *, do_sample: bool, num_samples: int = 1,
              temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64,
-             backend: str = "hf", model_path: str | None = None) -> list[list[str]]:
-    """``num_samples`` answers per prompt (``[len(prompts)][num_samples]``)."""
+             backend: str = "hf", model_path: str | None = None, by_length: bool = False) -> list[list[str]]:
+    """``num_samples`` answers per prompt (``[len(prompts)][num_samples]``): batches of
+    ``batch_size`` prompts, left-padded, decoded with the KV cache. A prompt longer than the
+    model's context minus ``max_new_tokens`` keeps its last tokens. ``by_length``: batch prompts of
+    similar length together (real data: far less padding; answers come back in the given order)."""
     if backend == "vllm":
         return _generate_vllm(model_path, tokenizer, prompts, do_sample=do_sample, num_samples=num_samples,
                               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
@@ -72,7 +75,11 @@ def generate(model, tokenizer, prompts: list[str], *, do_sample: bool, num_sampl
     import torch
 
     torch.manual_seed(seed)
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    keep = max(1, context - max_new_tokens) if context else None
+    rows = [prompt_ids(tokenizer, p)[-keep:] if keep else prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if by_length else list(range(len(rows)))
+    rows = [rows[i] for i in order]
     out: list[list[str]] = []
     device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
@@ -82,13 +89,16 @@ def generate(model, tokenizer, prompts: list[str], *, do_sample: bool, num_sampl
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=do_sample,
                 temperature=temperature if do_sample else None,
                 top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-                num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples, max_new_tokens=max_new_tokens, use_cache=True,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )
         dec = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
         for j in range(ids.shape[0]):
             out.append([d.strip() for d in dec[j * num_samples : (j + 1) * num_samples]])
-    return out
+    answers: list[list[str]] = [[] for _ in out]
+    for pos, i in enumerate(order):
+        answers[i] = out[pos]
+    return answers
 
 
 def _generate_vllm(model_path, tokenizer, prompts, *, do_sample, num_samples, temperature, max_new_tokens, seed):

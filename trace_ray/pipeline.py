@@ -61,8 +61,10 @@ class PipelineConfig:
 
     ``realign`` holds ``RunConfig`` fields (``trace_ray.train.config``), merged over the YAML in
     ``realign_config`` when given; ``data.triaged`` and ``output.dir`` are filled in by the
-    pipeline. ``triage`` holds extra keyword arguments of ``trace_ray.triage.run_triage``;
-    ``evaluate`` those of the evaluation function. Relative paths are relative to the working
+    pipeline. ``triage`` holds extra keyword arguments of ``trace_ray.triage.run_triage`` (e.g.
+    ``holdout: 0.1``, ``split: train``, ``prompt_key: question``, ``chosen_key``, ``rejected_key``);
+    ``evaluate`` those of ``trace_ray.evaluate_pairs.evaluate_pairs``, which scores the held-out
+    split (so a config with the evaluate stage sets ``triage.holdout``). Relative paths are relative to the working
     directory (the uploaded ``--working-dir`` under ``ray job submit``).
     """
 
@@ -70,7 +72,7 @@ class PipelineConfig:
     data: str = ""  # preference data (path or URI)
     policy: str = ""  # the new policy YAML (path or URI)
     name: str = "trace-ray"
-    format: Literal["auto", "pairs", "pku", "hh"] = "auto"
+    format: Literal["auto", "pairs", "implicit", "pku", "hh"] = "auto"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     triage: dict[str, Any] = field(default_factory=dict)
     realign_config: str = ""
@@ -243,11 +245,13 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] | None = None, dry_run: b
 # the stage's output folder given directly instead of OUT/<stage>.
 
 
-def triage_job(data: str, policy: str, out: str, format: str = "auto", force: bool = False) -> dict:
-    """Triage ``data`` with ``policy`` into ``out`` (``triaged.parquet``, ``summary.json``)."""
-    cfg = from_dict(PipelineConfig, {"out": out, "data": data, "policy": policy, "format": format, "stages": ["triage"]})
+def triage_job(data: str, policy: str, out: str, format: str = "auto", force: bool = False, **options) -> dict:
+    """Triage ``data`` with ``policy`` into ``out`` (``triaged.parquet``, ``summary.json``, and the
+    held-out / validation splits); ``options``: more ``run_triage`` keyword arguments."""
+    cfg = from_dict(PipelineConfig, {"out": out, "data": data, "policy": policy, "format": format, "stages": ["triage"],
+                                     "triage": options})
     stage_impl.validate(cfg)
-    fp = fingerprint("triage", content_id(data), format, content_id(policy), {})
+    fp = fingerprint("triage", content_id(data), format, content_id(policy), options)
     return run_stage("triage", out, fp, lambda local, uri: stage_impl.triage(
         StageContext(cfg=cfg, stage="triage", uri=uri, local_dir=local, fingerprints={"triage": fp})), force=force)
 

@@ -9,7 +9,10 @@ Input (``results`` dict; every part optional except ``methods``)::
                                   "curves": [metrics.jsonl rows], "weights": [w_i, ...]}, ...],
                         "lr": picked lr, "lr_search": {lr: val score}, "sample": {...}}}}
 
-``aggregate`` adds, per method, ``mean`` and ``std`` of every scalar metric over its runs.
+``aggregate`` adds, per method, ``mean`` and ``std`` of every scalar metric over its runs. A real
+run (``trace_ray.report_run.collect_run``) adds ``run`` (weights by category, the highest- and
+lowest-weighted samples, the nested metrics) and ``note`` (what the metrics were measured on);
+its extra plots and sections come from ``trace_ray.report_run``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from trace_ray.plots import histograms, pyplot
+
 HEADLINE = [
     ("tpa_sampled", "TPA sampled ↑"),
     ("tpa_greedy", "TPA greedy ↑"),
@@ -27,6 +32,8 @@ HEADLINE = [
     ("collateral", "collateral ↓"),
     ("collateral_any_detail", "collateral, any step marker ↓"),
     ("refusal_rise", "refusal rise ↓"),
+    ("refusal_rate", "refusal rate, retain prompts ↓"),
+    ("over_refusal", "over-refusal vs reference ↓"),
     ("well_formed", "well-formed ↑"),
     ("utility_nll", "utility NLL ↓"),
     ("kl_to_ref", "KL to ref ↓"),
@@ -76,20 +83,11 @@ def _fmt(v, s=None) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_triage(results: dict, path: Path) -> Path | None:
     tri = results.get("triage")
     if not tri:
         return None
-    plt = _plt()
+    plt = pyplot()
     counts = tri["counts"]
     names = ["invert", "punish", "retain", "unresolved"]
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -104,20 +102,7 @@ def plot_triage(results: dict, path: Path) -> Path | None:
 
 def plot_weights(results: dict, path: Path) -> Path | None:
     series = {n: w for n, m in results["methods"].items() for r in m.get("runs", [])[:1] if (w := r.get("weights"))}
-    if not series:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for name, w in series.items():
-        ax.hist(w, bins=30, alpha=0.6, label=name)
-    ax.set_xlabel("weight w_i (invert + punish pairs)")
-    ax.set_ylabel("pairs")
-    ax.set_title("Alignment-impact weights")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return histograms(series, path, "weight w_i (invert + punish pairs)", "Alignment-impact weights")
 
 
 LOSS_PARTS = ("loss", "L_I", "L_II", "L_KL", "L_anchor", "L_retain_nll")
@@ -128,7 +113,7 @@ def plot_losses(results: dict, path: Path) -> Path | None:
     methods = {n: m["runs"][0]["curves"] for n, m in results["methods"].items() if m.get("runs") and m["runs"][0].get("curves")}
     if not methods:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3), squeeze=False)
     for ax, (name, rows) in zip(axes[0], methods.items()):
         for k in LOSS_PARTS:  # the total and each part that this method has (None where absent)
@@ -149,7 +134,7 @@ def plot_tradeoff(results: dict, path: Path) -> Path | None:
     pts = {n: m for n, m in results["methods"].items() if "tpa_sampled" in m.get("mean", {}) and "collateral" in m["mean"]}
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, m in pts.items():
         ax.errorbar(m["mean"]["collateral"], m["mean"]["tpa_sampled"], xerr=m["std"].get("collateral", 0),
@@ -180,6 +165,10 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         "losses": plot_losses(results, out / "losses.png"),
         "tradeoff": plot_tradeoff(results, out / "tpa_vs_collateral.png"),
     }
+    if results.get("run"):
+        from trace_ray.report_run import run_plots
+
+        plots.update(run_plots(results, out))
     results["plots"] = {k: p.name for k, p in plots.items() if p}
     results["table_markdown"] = markdown_table(results)
     paths = {"json": out / "report.json", "html": out / "report.html"}
@@ -187,6 +176,10 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     paths["html"].write_text(render_html(results))
     paths.update({k: p for k, p in plots.items() if p})
     return paths
+
+
+DEMO_NOTE = ("Metrics on held-out test prompts (unseen objects and phrasings); mean ± std over seeds; "
+             "learning rate picked per method on the validation split.")
 
 
 def render_html(results: dict) -> str:
@@ -220,16 +213,26 @@ def render_html(results: dict) -> str:
             cells = "".join(f"<td>{e(t)}{'*' if v['shifted'] else ''}<br>{v.get('tpa_sampled', v.get('detail_rate')):.2f}</td>"
                             for t, v in pt.items())
             per_topic += f"<tr><td>{e(name)}</td>{cells}</tr>"
+    run_html = ""
+    if results.get("run"):
+        from trace_ray.report_run import run_sections
+
+        run_html = run_sections(results)
+    run_time = f"Run time: {results['runtime_s']:.0f} s. " if results.get("runtime_s") else ""
+    per_topic_html = (f"<h2>Per topic (first seed; * = shifted: sampled TPA, else detailed share)</h2><table>{per_topic}</table>"
+                      if per_topic else "")
+    samples_html = ("<h2>One generation per method on a shifted prompt</h2><table><tr><th>method</th><th>prompt</th>"
+                    f"<th>greedy</th><th>sampled</th></tr>{''.join(samples)}</table>" if samples else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(results.get('title', 'trace-ray report'))}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}figure{{display:inline-block;margin:6px}}code{{font-size:12px}}</style></head><body>
 <h1>{e(results.get('title', 'trace-ray report'))}</h1>
-<p>Run time: {results.get('runtime_s', 0):.0f} s. Metrics on held-out test prompts (unseen objects and phrasings); mean ± std over seeds;
-learning rate picked per method on the validation split.</p>
+<p>{run_time}{e(results.get('note', DEMO_NOTE))}</p>
 {tri_html}
 <h2>Methods × metrics</h2><table><tr><th>method</th>{head}<th>lr</th></tr>{''.join(rows)}</table>
 <h2>Plots</h2>{imgs}
-<h2>Per topic (first seed; * = shifted: sampled TPA, else detailed share)</h2><table>{per_topic}</table>
-<h2>One generation per method on a shifted prompt</h2><table><tr><th>method</th><th>prompt</th><th>greedy</th><th>sampled</th></tr>{''.join(samples)}</table>
+{run_html}
+{per_topic_html}
+{samples_html}
 <h2>Config</h2><pre>{e(json.dumps(results.get('config', {}), indent=1, default=str))}</pre>
 </body></html>"""

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trace_ray import storage
@@ -107,7 +106,10 @@ def validate(cfg) -> None:
     if "evaluate" in cfg.stages:
         from trace_ray.evaluate_pairs import evaluate_pairs
 
-        _check_kwargs("evaluate", cfg.evaluate, evaluate_pairs, {"model", "triaged", "out_dir", "policy"})
+        _check_kwargs("evaluate", cfg.evaluate, evaluate_pairs, {"model", "data", "out_dir", "policy", "in_sample"})
+        if "triage" in cfg.stages and not cfg.triage.get("holdout"):
+            raise ConfigError("evaluate: the evaluate stage scores the held-out split, and triage sets none; "
+                              "set triage.holdout (e.g. 0.1), or drop evaluate from stages")
     if "serve_check" in cfg.stages:
         ServeSettings = need("serve.settings", "ServeSettings", "the serve_check stage")
         try:
@@ -136,17 +138,25 @@ def realign(ctx) -> dict:
 
 @STAGE_FUNCS.register("evaluate")
 def evaluate(ctx) -> dict:
-    """Metrics of the re-aligned model on the triaged pairs (``trace_ray.evaluate_pairs``)."""
+    """Metrics of the re-aligned model on the held-out split that triage set aside
+    (``OUT/triage/heldout.parquet``, never trained on; ``trace_ray.evaluate_pairs``)."""
     from trace_ray.evaluate_pairs import evaluate_pairs
 
+    try:
+        heldout = upstream(ctx, "triage", "heldout.parquet")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{upstream(ctx, 'triage')} holds no heldout.parquet: the evaluate stage needs a "
+                                "held-out split; set triage.holdout (e.g. 0.1) and rerun triage") from None
     metrics = evaluate_pairs(
         model=model_output(upstream(ctx, "realign")),
-        triaged=upstream(ctx, "triage", "triaged.parquet"),
+        data=heldout,
         policy=storage.localize(ctx.cfg.policy),
         out_dir=ctx.local_dir,
         **ctx.cfg.evaluate,
     )
-    return {k: v for k, v in metrics.items() if k != "generations"}
+    return {k: v for k, v in metrics.items() if k in ("split", "rows", "counts", "tpa_greedy", "tpa_sampled",
+                                                       "refusal_rate", "over_refusal", "utility_nll", "kl_to_ref",
+                                                       "pref_accuracy")}
 
 
 @STAGE_FUNCS.register("serve_check")

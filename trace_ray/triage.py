@@ -7,6 +7,10 @@ the pair as invert / punish / retain, or unresolved (malformed row, oracle error
 - ``run_triage(data, policy, out_dir, ...)``: reader → (LLM judge actors) → rule ``map_batches``
   → streamed to ``out_dir/triaged.parquet`` (one file, schema ``TRIAGED``) while the driver
   accumulates ``summary.json``; nothing is collected on the driver beyond one batch at a time.
+  With ``holdout`` / ``validation`` fractions each row goes, by a stable hash of its prompt
+  (``trace_ray.data.split``), to ``triaged.parquet`` (train), ``validation.parquet`` or
+  ``heldout.parquet``; with ``compare`` an old policy files the same rows too
+  (``trace_ray.compare``: ``compare.json``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from trace_ray.chat import transcript
 from trace_ray.data.schema import CATEGORIES, TRIAGED, categorize, row_id
 from trace_ray.policy import Policy, load_policy
 
@@ -100,10 +105,12 @@ def triage_records(
 
 
 class TriageBatch:
-    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``."""
+    """Ray Data UDF (``batch_format="pyarrow"``): canonical (+ judge answer) columns → ``TRIAGED``;
+    with ``old_policy`` (rules only) also ``old_category`` and ``old_reasons`` (``--compare``)."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, old_policy: Policy | None = None):
         self.policy = policy
+        self.old_policy = old_policy
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -112,7 +119,12 @@ class TriageBatch:
         answers = None
         if self.policy.has_judge:
             answers = [(r.get("judge_chosen"), r.get("judge_rejected")) for r in rows]
-        return pa.Table.from_pylist(triage_records(self.policy, rows, answers), schema=TRIAGED)
+        out = pa.Table.from_pylist(triage_records(self.policy, rows, answers), schema=TRIAGED)
+        if self.old_policy is not None:
+            old = triage_records(self.old_policy, rows)
+            out = out.append_column("old_category", pa.array([o["category"] for o in old], pa.string()))
+            out = out.append_column("old_reasons", pa.array([o["reasons"] for o in old], pa.string()))
+        return out
 
 
 class Summary:
@@ -146,7 +158,7 @@ class Summary:
                         if name in self.hits:
                             self.hits[name][side] += 1
             if row["category"] == "unresolved":
-                self.unresolved[_reason_kind(row, reasons)] += 1
+                self.unresolved[reason_kind(row, reasons)] += 1
             self._example(row, reasons)
         if len(self.examples["retain"]) < self.k:
             for row in table.filter(plain).slice(0, self.k).select(cols).to_pylist():
@@ -154,7 +166,9 @@ class Summary:
 
     def _example(self, row: dict, reasons: dict) -> None:
         if len(self.examples[row["category"]]) < self.k:
-            ex = {k: _short(row[k]) for k in ("id", "prompt", "chosen", "rejected")}
+            ex = {k: _short(row[k]) for k in ("id", "chosen", "rejected")}
+            prompt = transcript(row["prompt"])  # a conversation as text; its end is what matters
+            ex["prompt"] = prompt if len(prompt) <= 200 else "…" + prompt[-200:]
             ex["verdicts"] = [row["chosen_verdict"], row["rejected_verdict"]]
             ex["reasons"] = reasons
             self.examples[row["category"]].append(ex)
@@ -174,7 +188,7 @@ class Summary:
         }
 
 
-def _reason_kind(row: dict, reasons: dict) -> str:
+def reason_kind(row: dict, reasons: dict) -> str:
     """A short, countable reason for an unresolved row (no row-specific text)."""
     if "error" in reasons:
         msg = reasons["error"].split(": ", 1)[-1]  # drop the file:line location
@@ -194,6 +208,48 @@ def _short(text: str, n: int = 200) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
+class SplitWriters:
+    """One Parquet writer per split (``trace_ray.data.split``): ``triaged.parquet`` (train) always,
+    ``validation.parquet`` / ``heldout.parquet`` when their fraction is > 0. Each is written to a
+    temporary name and renamed on ``commit``; ``counts`` holds each split's categories."""
+
+    def __init__(self, out_dir: Path, holdout: float, validation: float):
+        import pyarrow.parquet as pq
+
+        from trace_ray.data.split import FILES
+
+        self.holdout, self.validation = holdout, validation
+        fractions = {"train": 1.0, "validation": validation, "heldout": holdout}
+        self.paths = {s: out_dir / FILES[s] for s, f in fractions.items() if f > 0}
+        self.writers = {s: pq.ParquetWriter(p.with_name(f".{p.name}.tmp"), TRIAGED) for s, p in self.paths.items()}
+        self.counts = {s: Counter({c: 0 for c in CATEGORIES}) for s in self.paths}
+
+    def write(self, table) -> None:
+        import pyarrow.compute as pc
+
+        from trace_ray.data.split import split_table
+
+        parts = split_table(table, self.holdout, self.validation) if len(self.writers) > 1 else {"train": table}
+        for split, part in parts.items():
+            if part.num_rows:
+                self.writers[split].write_table(part)
+                for item in pc.value_counts(part["category"]).to_pylist():
+                    self.counts[split][item["values"]] += item["counts"]
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+    def commit(self) -> dict[str, str]:
+        self.close()
+        for p in self.paths.values():
+            os.replace(p.with_name(f".{p.name}.tmp"), p)
+        return {s: str(p) for s, p in self.paths.items()}
+
+    def summary(self) -> dict:
+        return {s: {"total": sum(c.values()), "counts": {k: c[k] for k in CATEGORIES}} for s, c in self.counts.items()}
+
+
 def run_triage(
     data: str | Path,
     policy: str | Path | dict | Policy,
@@ -201,43 +257,69 @@ def run_triage(
     format: str = "auto",
     *,
     pku_chosen: str = "better",
+    split: str | None = None,
+    prompt_key: str | None = None,
+    chosen_key: str | None = None,
+    rejected_key: str | None = None,
+    holdout: float = 0.0,
+    validation: float = 0.0,
+    compare: str | Path | dict | Policy | None = None,
+    allow_unresolved: bool = False,
     batch_size: int = 1024,
     num_actors: int | None = None,
     show_progress: bool = True,
     address: str | None = None,
 ) -> dict:
-    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet`` and
-    ``out_dir/summary.json``; return the summary (``{"total", "counts": {...}, ...}``).
+    """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet`` (and, with
+    ``holdout`` / ``validation`` > 0, ``heldout.parquet`` / ``validation.parquet``; with
+    ``compare``, ``compare.json``) and ``out_dir/summary.json``; return the summary
+    (``{"total", "counts": {...}, "splits": {...}, ...}``; counts cover every input row).
 
-    The policy and the input are validated before Ray starts (``PolicyError`` /
-    ``FileNotFoundError`` / ``ValueError``). ``num_actors`` sizes the judge actor pool (default:
-    the judge rule's ``concurrency``); rules run as plain tasks (stateless, vectorised per batch).
+    ``data``: a file, a folder, a ``datasets`` folder or a hub id (``split`` picks the split);
+    ``prompt_key`` / ``chosen_key`` / ``rejected_key`` name the file's columns. Everything is
+    validated before Ray starts (``PolicyError`` / ``FileNotFoundError`` / ``ValueError``), and a
+    sample of the data is filed in plain Python first: when ≥ 90 % of the first 1,000 rows would be
+    unresolved for one reason, ``MostlyUnresolved`` names it and the flag that probably fixes it
+    (``allow_unresolved`` skips the check). ``num_actors`` sizes the judge actor pool (default: the
+    judge rule's ``concurrency``); rules run as plain tasks (stateless, vectorised per batch).
     """
-    import pyarrow.parquet as pq
     import ray.data
     from tqdm.auto import tqdm
 
-    from trace_ray.data.readers import detect_format, list_files, read_pairs
+    from trace_ray.data.formats import column_keys
+    from trace_ray.data.readers import detect_format, iter_raw, iter_records, read_pairs
+    from trace_ray.data.sources import resolve_source
+    from trace_ray.data.split import check_fractions
+    from trace_ray.preflight import check_resolvable
     from trace_ray.ray_utils import ensure_ray
 
     policy = load_policy(policy)
-    list_files(data)
+    old_policy = load_policy(compare) if compare is not None else None
+    if old_policy is not None and old_policy.has_judge:
+        raise ValueError(f"--compare: the old policy {old_policy.fingerprint} has a judge rule; the what-if files "
+                         "pairs with rule oracles only (give a rules-only version of the old policy)")
+    check_fractions(holdout, validation)
+    keys = column_keys(prompt_key, chosen_key, rejected_key)
     if policy.has_judge:
         from trace_ray.policy.judge import check_judge_model
 
         check_judge_model(policy.judge_rule)
-    fmt = detect_format(data) if format == "auto" else format
+    source = resolve_source(data, split)
+    fmt = detect_format(source, keys) if format == "auto" else format
+    if not allow_unresolved:
+        columns = next((sorted(o) for _, o, _ in iter_raw(source) if isinstance(o, dict)), [])
+        check_resolvable(iter_records(source, fmt, pku_chosen, keys=keys), columns, policy, fmt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray(address)
 
-    ds = read_pairs(data, fmt, pku_chosen=pku_chosen)
+    ds = read_pairs(source, fmt, pku_chosen=pku_chosen, keys=keys)
     if policy.has_judge:
         from trace_ray.policy.judge import add_judge_answers
 
         ds = add_judge_answers(ds, policy, num_actors=num_actors)
     # rules are stateless and cheap to rebuild: plain tasks (fused with the read), no actor pool
-    ds = ds.map_batches(TriageBatch(policy), batch_format="pyarrow", batch_size=batch_size)
+    ds = ds.map_batches(TriageBatch(policy, old_policy), batch_format="pyarrow", batch_size=batch_size)
 
     ctx = ray.data.DataContext.get_current()
     old_bars = ctx.enable_progress_bars
@@ -247,30 +329,47 @@ def run_triage(
     ctx.enable_progress_bars = False
     data_log.setLevel(logging.WARNING)
     summary = Summary(policy)
-    tmp = out_dir / ".triaged.parquet.tmp"
+    movement = None
+    if old_policy is not None:
+        from trace_ray.compare import Movement
+
+        movement = Movement(old_policy.fingerprint, policy.fingerprint)
+    writers = SplitWriters(out_dir, holdout, validation)
     t0 = time.perf_counter()
     try:
-        with pq.ParquetWriter(tmp, TRIAGED) as writer, tqdm(
-            desc=f"triage {Path(data).name}", unit="rows", disable=not show_progress, smoothing=0.1
-        ) as bar:
+        with tqdm(desc=f"triage {source.name}", unit="rows", disable=not show_progress, smoothing=0.1) as bar:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                table = table.select(TRIAGED.names).cast(TRIAGED)
-                writer.write_table(table)
                 summary.add(table)
+                if movement is not None:
+                    movement.add(table)
+                writers.write(table.select(TRIAGED.names).cast(TRIAGED))
                 bar.update(table.num_rows)
+        outputs = writers.commit()
     finally:
+        writers.close()
         ctx.enable_progress_bars = old_bars
         data_log.setLevel(old_level)
     elapsed = time.perf_counter() - t0
-    os.replace(tmp, out_dir / "triaged.parquet")
     result = summary.to_dict()
+    outputs = {"triaged": outputs["train"], **{k: v for k, v in outputs.items() if k != "train"}}
+    if movement is not None:
+        result["compare"] = movement.to_dict()
+        outputs["compare"] = str(out_dir / "compare.json")
+        Path(outputs["compare"]).write_text(json.dumps(result["compare"], indent=2, ensure_ascii=False))
+    outputs["summary"] = str(out_dir / "summary.json")
     result.update({
         "data": str(data),
+        "split": source.split,
         "format": fmt,
+        "columns": keys or None,
         "pku_chosen": pku_chosen if fmt == "pku" else None,
+        "holdout": holdout,
+        "validation": validation,
+        "split_key": "prompt",
+        "splits": writers.summary(),
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(result["total"] / elapsed, 1) if elapsed > 0 else None,
-        "outputs": {"triaged": str(out_dir / "triaged.parquet"), "summary": str(out_dir / "summary.json")},
+        "outputs": outputs,
     })
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return result
@@ -296,6 +395,9 @@ def format_summary(s: dict) -> str:
         for ex in s["examples"][c][:1]:
             lines.append(f"  e.g. {c}: {ex['prompt'][-70:].strip()!r} -> chosen {ex['chosen'][:60]!r}")
             lines.append(f"       because {ex['reasons'].get('chosen')}")
+    if len(s.get("splits", {})) > 1:
+        lines.append("  splits (by a hash of the prompt): " + ", ".join(
+            f"{k} {v['total']}" for k, v in s["splits"].items()))
     if "outputs" in s:
-        lines.append(f"  wrote {s['outputs']['triaged']} and {s['outputs']['summary']}")
+        lines.append("  wrote " + ", ".join(s["outputs"].values()))
     return "\n".join(lines)

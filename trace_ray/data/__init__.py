@@ -1,1 +1,2 @@
-"""Readers to the canonical record schema, and the synthetic SynthShift world."""
+"""Where preference data comes from (sources), how its rows become canonical records (formats,
+readers), the held-out split, and the synthetic SynthShift world."""

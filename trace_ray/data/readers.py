@@ -1,27 +1,20 @@
-"""Readers: preference data in several layouts → canonical records (``trace_ray.data.schema``).
+"""Readers: preference data → canonical records (``trace_ray.data.schema``), in plain Python or on
+Ray Data.
 
-Formats (``format=``):
-- ``pairs``: ``prompt`` / ``chosen`` / ``rejected`` (+ optional ``id``, ``meta``) in ``.jsonl``,
-  ``.json`` (a list of objects), ``.parquet`` or a ``datasets`` ``save_to_disk`` folder (``.arrow``);
-  ``.gz`` compression is read transparently.
-- ``pku``: PKU-SafeRLHF's own columns. ``pku_chosen`` picks y_w: ``better`` (better_response_id, the
-  dataset's own preference label; the default),
-  ``safer`` (safer_response_id) or ``authors`` (the TRACE authors' rule: the safe response if
-  exactly one is safe, else safer_response_id). Each response's own metadata goes to
-  ``meta["chosen"]`` / ``meta["rejected"]`` as ``{"harm_category": [flagged names], "severity",
-  "is_safe", "response_id", "source"}`` — what ``meta`` policy rules read.
-- ``hh``: Anthropic HH-RLHF transcripts. The prompt is the shared prefix up to and including the
-  last shared ``"\\n\\nAssistant:"``; the rest of each transcript (stripped) is the response. The
-  turns of the prompt are kept as chat messages in ``meta["messages"]``.
-- ``auto``: from the file's columns (response_0/response_1 → pku; prompt/chosen/rejected → pairs;
-  chosen/rejected transcripts with "Assistant:" → hh).
+Where the data comes from (``trace_ray.data.sources.resolve_source``): a ``.jsonl`` / ``.json`` /
+``.parquet`` / ``.arrow`` file (``.gz`` read transparently), a folder of them, a ``datasets``
+``save_to_disk`` folder, or a Hugging Face hub id with ``split``. How a row becomes a record, per
+``format`` (``pairs`` — TRL standard and conversational, ``implicit`` — TRL implicit prompt,
+``pku``, ``hh``; ``auto`` detects from the first row's columns): ``trace_ray.data.formats``.
+``keys`` renames the file's columns first (``{"prompt": "question", ...}``, the ``--prompt-key``
+/ ``--chosen-key`` / ``--rejected-key`` flags).
 
 Malformed input is never dropped: a line that is not UTF-8, not JSON (e.g. truncated), lacks a
-field or has an empty response becomes a record with ``_error`` = the reason (and the file:line in
-``meta["source"]``), which triage files as ``unresolved``. Blank lines are not rows.
+field or has an empty response becomes a record with ``_error`` = ``"file:line: reason"``, which
+triage files as ``unresolved``. Blank lines are not rows.
 
-``iter_records`` is plain Python (tests, the single-process baseline, the server);
-``read_pairs`` is the same parsing inside Ray Data read tasks (one streaming task per file).
+``iter_records`` is plain Python (tests, the single-process baseline, the server, the pre-flight
+check); ``read_pairs`` is the same parsing inside Ray Data read tasks (one streaming task per file).
 """
 
 from __future__ import annotations
@@ -35,35 +28,15 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from trace_ray.data.schema import CANONICAL, row_id
+from trace_ray.data.formats import FORMATS, PKU_CHOSEN, format_of, map_columns, to_record
+from trace_ray.data.schema import CANONICAL
+from trace_ray.data.sources import Source, resolve_source
 
-FORMATS = ("auto", "pairs", "pku", "hh")
-PKU_CHOSEN = ("authors", "better", "safer")
 READ_SCHEMA = pa.schema(list(CANONICAL) + [pa.field("_error", pa.string())])
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".jsonl.gz", ".json.gz")
-HH_MARKER = "\n\nAssistant:"
-
-
-class BadRow(ValueError):
-    """A row that cannot become a canonical record; the message is the ``_error`` reason."""
 
 
 # ---------------------------------------------------------------------------------------------
 # files and raw objects
-
-
-def list_files(path: str | Path) -> list[str]:
-    """The data files behind ``path`` (a file, a folder of data files, or a datasets folder)."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    if not p.is_dir():
-        raise FileNotFoundError(f"data path {p} does not exist")
-    files = sorted(str(f) for f in p.rglob("*") if f.is_file() and str(f).endswith(DATA_SUFFIXES)
-                   and not f.name.startswith((".", "_")) and f.name not in ("dataset_info.json", "state.json"))
-    if not files:
-        raise FileNotFoundError(f"no data files ({', '.join(DATA_SUFFIXES)}) under {p}")
-    return files
 
 
 def _kind(name: str) -> str:
@@ -155,176 +128,31 @@ def _open(path: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# format detection and conversion
+# format detection, plain-Python iteration
 
 
-def detect_format(path: str | Path) -> str:
-    """``pairs`` | ``pku`` | ``hh`` from the first readable row of the first file."""
-    for name in list_files(path):
+def iter_raw(source: Source) -> Iterator[tuple[str, Any, str | None]]:
+    """``(location, raw object or None, error or None)`` for every row of every file, in order."""
+    for name in source.files:
         with _open(name) as f:
-            for _, obj, err in iter_objects(f, name):
-                if obj is None:
-                    continue
-                fmt = format_of(obj)
-                if fmt:
-                    return fmt
-                raise ValueError(
-                    f"{name}: cannot detect the format from the columns {sorted(obj)}; "
-                    "pass format= pairs (prompt/chosen/rejected), pku or hh"
-                )
-    raise ValueError(f"{path}: no readable row to detect the format from; pass format=")
+            yield from iter_objects(f, name)
 
 
-def format_of(obj: dict) -> str | None:
-    keys = set(obj)
-    if {"response_0", "response_1"} <= keys:
-        return "pku"
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "pairs"
-    if {"chosen", "rejected"} <= keys and "Assistant:" in str(obj.get("chosen")):
-        return "hh"
-    return None
-
-
-def _text(obj: dict, key: str, response: bool = False) -> str:
-    if key not in obj or obj[key] is None:
-        raise BadRow(f"missing field {key!r}")
-    v = obj[key]
-    if not isinstance(v, str):
-        raise BadRow(f"field {key!r} is not a string ({type(v).__name__})")
-    if response and not v.strip():
-        raise BadRow(f"empty response: {key!r}")
-    return v
-
-
-def _pairs(obj: dict) -> dict:
-    prompt = _text(obj, "prompt")
-    chosen, rejected = _text(obj, "chosen", True), _text(obj, "rejected", True)
-    meta = obj.get("meta")
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except json.JSONDecodeError:
-            meta = {"raw": meta}
-    meta = dict(meta) if isinstance(meta, dict) else {}
-    extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "chosen", "rejected", "meta")}
-    if extra:
-        meta.setdefault("fields", extra)
-    rid = obj.get("id")
-    return _record(prompt, chosen, rejected, meta, str(rid) if rid not in (None, "") else None)
-
-
-def _pku_response(obj: dict, i: int) -> dict:
-    cats = obj.get(f"response_{i}_harm_category")
-    m: dict = {"response_id": i, "is_safe": obj.get(f"is_response_{i}_safe")}
-    if isinstance(cats, dict):
-        m["harm_category"] = [k for k, v in cats.items() if v]
-    sev = obj.get(f"response_{i}_severity_level")
-    if sev is not None:
-        m["severity"] = sev
-    if f"response_{i}_source" in obj:
-        m["source"] = obj[f"response_{i}_source"]
-    return m
-
-
-def _pku(obj: dict, chosen_by: str) -> dict:
-    prompt = _text(obj, "prompt")
-    resp = [_text(obj, "response_0", True), _text(obj, "response_1", True)]
-    safe = []
-    for i in (0, 1):
-        s = obj.get(f"is_response_{i}_safe")
-        if not isinstance(s, bool):
-            raise BadRow(f"missing field 'is_response_{i}_safe'")
-        safe.append(s)
-
-    def rid(key: str) -> int:
-        v = obj.get(key)
-        if v not in (0, 1) or isinstance(v, bool):
-            raise BadRow(f"missing field {key!r} (0 or 1)")
-        return v
-
-    if chosen_by == "better":
-        c = rid("better_response_id")
-    elif chosen_by == "safer":
-        c = rid("safer_response_id")
-    else:  # TRACE authors: the safe one if exactly one is safe, else the safer one
-        c = (0 if safe[0] else 1) if safe[0] != safe[1] else rid("safer_response_id")
-    meta = {
-        "source": "pku",
-        "chosen_by": chosen_by,
-        "chosen": _pku_response(obj, c),
-        "rejected": _pku_response(obj, 1 - c),
-        "better_response_id": obj.get("better_response_id"),
-        "safer_response_id": obj.get("safer_response_id"),
-        "prompt_source": obj.get("prompt_source"),
-    }
-    return _record(prompt, resp[c], resp[1 - c], meta)
-
-
-def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """HH transcripts → (prompt, chosen response, rejected response)."""
-    common = os.path.commonprefix([chosen, rejected])
-    idx = common.rfind(HH_MARKER)
-    if idx < 0:
-        raise BadRow("chosen and rejected share no '\\n\\nAssistant:' turn")
-    cut = idx + len(HH_MARKER)
-    return chosen[:cut], chosen[cut:].strip(), rejected[cut:].strip()
-
-
-def hh_messages(prompt: str) -> list[dict]:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` → chat messages."""
-    out = []
-    for chunk in prompt.split("\n\n"):
-        for tag, role in (("Human:", "user"), ("Assistant:", "assistant")):
-            if chunk.startswith(tag):
-                out.append({"role": role, "content": chunk[len(tag):].strip()})
-                break
-        else:
-            if out and chunk:  # a paragraph break inside a turn
-                out[-1]["content"] += "\n\n" + chunk
-    if out and out[-1]["role"] == "assistant" and not out[-1]["content"]:
-        out.pop()
-    return out
-
-
-def _hh(obj: dict) -> dict:
-    prompt, chosen, rejected = split_hh(_text(obj, "chosen"), _text(obj, "rejected"))
-    if not chosen:
-        raise BadRow("empty response: 'chosen'")
-    if not rejected:
-        raise BadRow("empty response: 'rejected'")
-    return _record(prompt, chosen, rejected, {"source": "hh", "messages": hh_messages(prompt)})
-
-
-def _record(prompt, chosen, rejected, meta, rid=None, error=None) -> dict:
-    return {
-        "id": rid or row_id(prompt, chosen, rejected),
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "meta": json.dumps(meta, ensure_ascii=False, default=str),
-        "_error": error,
-    }
-
-
-def to_record(obj: dict | None, fmt: str, loc: str, error: str | None = None, pku_chosen: str = "better") -> dict:
-    """One raw row → a canonical record; a bad row → a record with ``_error`` (never raises)."""
-    if error is None:
-        try:
-            if fmt == "pku":
-                return _pku(obj, pku_chosen)
-            if fmt == "hh":
-                return _hh(obj)
-            return _pairs(obj)
-        except BadRow as e:
-            error = str(e)
-    texts = []
-    for key in ("prompt", "chosen", "rejected"):
-        v = obj.get(key) if isinstance(obj, dict) else None
-        texts.append(v if isinstance(v, str) else "")
-    # the location is part of the id, so two broken lines never collide
-    rid = row_id(loc, texts[0], "\x1f".join(texts[1:]))
-    return _record(*texts, {"source": {"location": loc}}, rid, f"{loc}: {error}")
+def detect_format(data: str | Path | Source, keys: dict[str, str] | None = None, split: str | None = None) -> str:
+    """``pairs`` | ``implicit`` | ``pku`` | ``hh`` from the first readable row (columns renamed by ``keys``)."""
+    source = resolve_source(data, split)
+    for _, obj, _ in iter_raw(source):
+        if obj is None:
+            continue
+        fmt = format_of(map_columns(obj, keys, strict=False))
+        if fmt:
+            return fmt
+        raise ValueError(
+            f"{source.origin}: cannot detect the format from the columns {sorted(obj)}; pass --format "
+            "pairs (prompt/chosen/rejected), implicit (chosen/rejected conversations), pku or hh, or name "
+            "the columns with --prompt-key/--chosen-key/--rejected-key"
+        )
+    raise ValueError(f"{source.origin}: no readable row to detect the format from; pass --format")
 
 
 def _check_args(fmt: str, pku_chosen: str) -> None:
@@ -334,14 +162,14 @@ def _check_args(fmt: str, pku_chosen: str) -> None:
         raise ValueError(f"pku_chosen {pku_chosen!r} is not one of {', '.join(PKU_CHOSEN)}")
 
 
-def iter_records(path: str | Path, format: str = "auto", pku_chosen: str = "better") -> Iterator[dict]:
+def iter_records(data: str | Path | Source, format: str = "auto", pku_chosen: str = "better", *,
+                 split: str | None = None, keys: dict[str, str] | None = None) -> Iterator[dict]:
     """Canonical record dicts (``id, prompt, chosen, rejected, meta, _error``), plain Python."""
     _check_args(format, pku_chosen)
-    fmt = detect_format(path) if format == "auto" else format
-    for name in list_files(path):
-        with _open(name) as f:
-            for loc, obj, err in iter_objects(f, name):
-                yield to_record(obj, fmt, loc, err, pku_chosen)
+    source = resolve_source(data, split)
+    fmt = detect_format(source, keys) if format == "auto" else format
+    for loc, obj, err in iter_raw(source):
+        yield to_record(obj, fmt, loc, err, pku_chosen, keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,14 +182,14 @@ def _datasource_cls():
     class PairsDatasource(FileBasedDatasource):
         """One read task per file, streaming blocks of canonical records (``READ_SCHEMA``)."""
 
-        def __init__(self, paths, fmt: str, pku_chosen: str, rows_per_block: int = 4096, **kw):
+        def __init__(self, paths, fmt: str, pku_chosen: str, keys: dict | None = None, rows_per_block: int = 4096, **kw):
             super().__init__(paths, **kw)
-            self._fmt, self._pku_chosen, self._rows = fmt, pku_chosen, rows_per_block
+            self._fmt, self._pku_chosen, self._keys, self._rows = fmt, pku_chosen, keys, rows_per_block
 
         def _read_stream(self, f, path: str):
             buf = []
             for loc, obj, err in iter_objects(f, path):
-                buf.append(to_record(obj, self._fmt, loc, err, self._pku_chosen))
+                buf.append(to_record(obj, self._fmt, loc, err, self._pku_chosen, self._keys))
                 if len(buf) >= self._rows:
                     yield pa.Table.from_pylist(buf, schema=READ_SCHEMA)
                     buf = []
@@ -371,13 +199,14 @@ def _datasource_cls():
     return PairsDatasource
 
 
-def read_pairs(path: str | Path, format: str = "auto", pku_chosen: str = "better", rows_per_block: int = 4096):
+def read_pairs(data: str | Path | Source, format: str = "auto", pku_chosen: str = "better", rows_per_block: int = 4096,
+               *, split: str | None = None, keys: dict[str, str] | None = None):
     """A ``ray.data.Dataset`` of canonical records (columns of ``READ_SCHEMA``: the canonical ones
     plus ``_error``, null for good rows). Streams: nothing is collected on the driver."""
     import ray.data
 
     _check_args(format, pku_chosen)
-    fmt = detect_format(path) if format == "auto" else format
-    files = list_files(path)
-    source = _datasource_cls()(files, fmt=fmt, pku_chosen=pku_chosen, rows_per_block=rows_per_block)
-    return ray.data.read_datasource(source)
+    source = resolve_source(data, split)
+    fmt = detect_format(source, keys) if format == "auto" else format
+    datasource = _datasource_cls()(source.files, fmt=fmt, pku_chosen=pku_chosen, keys=keys, rows_per_block=rows_per_block)
+    return ray.data.read_datasource(datasource)

@@ -24,12 +24,15 @@ def _clip(text: str, limit: int) -> str:
 
 def render_judge_prompt(rule, prompt: str, response: str) -> str:
     """The user message sent to the judge: ``rule.template`` with ``{description}`` (the policy's
-    description), ``{prompt}`` and ``{response}`` filled in; long texts are clipped in the middle
-    to ``rule.max_prompt_chars`` so one huge row cannot blow the judge's context."""
+    description), ``{prompt}`` (the whole conversation as a transcript, ``trace_ray.chat.transcript``)
+    and ``{response}`` filled in; long texts are clipped in the middle to ``rule.max_prompt_chars``
+    so one huge row cannot blow the judge's context."""
+    from trace_ray.chat import transcript
+
     half = max(1, rule.max_prompt_chars // 2)
     return rule.template.format(
         description=rule.policy_description or "(no description given)",
-        prompt=_clip(prompt or "", half),
+        prompt=_clip(transcript(prompt or ""), half),
         response=_clip(response or "", half),
     )
 
@@ -60,6 +63,15 @@ def judge_messages(rule, prompt: str, response: str) -> list[dict]:
     return msgs + [{"role": "user", "content": render_judge_prompt(rule, prompt, response)}]
 
 
+def judge_ids(tokenizer, messages: list[dict], max_input: int) -> list[int]:
+    """The judge's input tokens: the messages through ``trace_ray.chat.prompt_ids`` (the one
+    renderer), cut from the left to ``max_input`` tokens (the question sits at the end). The
+    offline judge and the server's judge route both call this, so their answers agree."""
+    from trace_ray.chat import prompt_ids
+
+    return prompt_ids(tokenizer, messages)[-max_input:]
+
+
 class HFJudge:
     """Ray Data class UDF: transformers ``generate`` (greedy) on one model per actor.
 
@@ -78,37 +90,37 @@ class HFJudge:
         kw = rule.engine_kwargs or {}
         device = kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = load_tokenizer(rule.model, padding_side="left")
-        self.tok.truncation_side = "left"  # keep the question at the end of a long prompt
         self.model = load_model(rule.model, dtype=kw.get("dtype", "float32"), attn_implementation=None, device=device)
         self.device = device
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_input = max(8, limit - rule.max_new_tokens)
 
-    def _text(self, msgs: list[dict]) -> str:
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in msgs) + "\n\nAnswer:"
-
-    def generate(self, texts: list[str]) -> list[str]:
-        """Greedy answers for already-rendered judge inputs, ``rule.batch_size`` at a time."""
+    def generate(self, conversations: list[list[dict]]) -> list[str]:
+        """Greedy answers to judge conversations (``judge_messages``), ``rule.batch_size`` at a time."""
         import torch
 
+        from trace_ray.chat import left_padded
+
         out: list[str] = []
-        for i in range(0, len(texts), self.rule.batch_size):
-            enc = self.tok(texts[i : i + self.rule.batch_size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=self.max_input, add_special_tokens=False).to(self.device)
+        for i in range(0, len(conversations), self.rule.batch_size):
+            rows = [judge_ids(self.tok, m, self.max_input) for m in conversations[i : i + self.rule.batch_size]]
+            ids, mask = left_padded(self.tok, rows)
             with torch.no_grad():
-                gen = self.model.generate(**enc, max_new_tokens=self.rule.max_new_tokens, do_sample=False,
+                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=self.rule.max_new_tokens, do_sample=False,
                                           pad_token_id=self.tok.pad_token_id)
-            out.extend(self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            out.extend(self.tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True))
         return out
+
+    def judge(self, prompts: list[str], responses: list[str]) -> list[str]:
+        """The judge's raw answer for each (prompt, response)."""
+        return self.generate([judge_messages(self.rule, p, r) for p, r in zip(prompts, responses)])
 
     def answers(self, rows: list[dict]) -> list[tuple[str | None, str | None]]:
         """(chosen answer, rejected answer) per row; (None, None) for rows with ``_error``."""
         todo = [i for i, r in enumerate(rows) if not r.get("_error")]
-        texts = [self._text(judge_messages(self.rule, rows[i]["prompt"], rows[i][side]))
-                 for side in ("chosen", "rejected") for i in todo]
-        got = self.generate(texts) if texts else []
+        got = self.judge([rows[i]["prompt"] for _ in (0, 1) for i in todo],
+                         [rows[i][side] for side in ("chosen", "rejected") for i in todo]) if todo else []
         res: list = [(None, None)] * len(rows)
         for k, i in enumerate(todo):
             res[i] = (got[k], got[k + len(todo)])

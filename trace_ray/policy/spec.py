@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import regex
 import yaml
 
+from trace_ray.chat import last_user_turn
+
 from trace_ray.policy.rules import (
     PKU_HARM_CATEGORIES,
     REGEX_FLAGS,
@@ -108,7 +110,8 @@ class Policy:
         judge_answers: Sequence[str | None] | None = None,
     ) -> list[Verdict]:
         """Judge each (prompt, response, meta) item; ``judge_answers[i]`` is the raw judge text for
-        item i (policies with a ``judge`` rule; missing → that rule is undecided → ``error``).
+        item i (policies with a ``judge`` rule; missing → that rule is undecided → ``error``). A
+        conversation prompt (messages, or their JSON text) is read by the rules as its last user turn.
 
         ``mode: any`` — non_compliant if any rule matches; else error if any rule was undecided;
         else compliant. ``mode: all`` — compliant if any rule does not match; else error if any was
@@ -127,6 +130,9 @@ class Policy:
         return out
 
     def _check_one(self, prompt, response, meta, answer) -> Verdict:
+        # what a rule sees as "the prompt": the last user turn of a conversation (a plain prompt as
+        # it is); the judge's answer was produced from the whole conversation (trace_ray.policy.judge)
+        prompt = last_user_turn(prompt)
         hits, misses, undecided = [], [], []
         for rule in self.rules:
             try:

@@ -28,24 +28,22 @@ class CorrectedResponses:
         self.system = system_prompt.replace("{policy}", self.policy.description or self.policy.name)
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 
-    def _prompt_text(self, prompt: str) -> str:
-        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return f"{self.system}\n\n{prompt}\n"
-
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> list[str]:
+        """y_c for each prompt: the conversation (or plain prompt) after the policy's system message,
+        rendered by ``trace_ray.chat.prompt_ids`` like every other prompt."""
+        from trace_ray.chat import left_padded, prompt_ids
+
         if not prompts:
             return []
         torch.manual_seed(self.seed)
-        enc = self.tok([self._prompt_text(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask = left_padded(self.tok, [prompt_ids(self.tok, p, system=self.system) for p in prompts])
         kw = {"do_sample": self.temperature > 0, "max_new_tokens": self.max_new_tokens,
               "pad_token_id": self.tok.pad_token_id}
         if self.temperature > 0:
             kw["temperature"] = self.temperature
-        out = self.model.generate(**enc, **kw)
-        return [self.tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+        return [self.tok.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
 
     def __call__(self, df):
         df = df.copy()

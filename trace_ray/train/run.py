@@ -41,9 +41,14 @@ def check_inputs(cfg: RunConfig) -> dict:
 
     import pyarrow.parquet as pq
 
+    from trace_ray.data.split import split_of_path
+
     p = Path(cfg.data.triaged)
     if not p.exists():
         raise ConfigError(f"data.triaged: {p} does not exist (run `trace-ray triage` first)")
+    if split_of_path(p) in ("heldout", "validation"):
+        raise ConfigError(f"data.triaged: {p} is the {split_of_path(p)} split, which is never trained on; "
+                          f"train on {p.with_name('triaged.parquet')}")
     try:
         schema = pq.read_schema(p) if p.is_file() else pq.ParquetDataset(p).schema
     except Exception as e:  # noqa: BLE001 - any unreadable file is a config problem here
