@@ -130,7 +130,9 @@ def test_deepspeed_zero2_two_workers_kill_and_resume(ray_session, tiny_model_dir
 
     tri = write_triaged(tmp_path / "t.parquet")
     common = dict(impact={"method": "jvp", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
-    cfg = run_dict(tiny_model_dir, tri, tmp_path / "ds", backend={"num_workers": 2, "kind": "deepspeed", "zero_stage": 2},
+    # max_failures 0: the injected failure ends the run (with retries Ray Train would resume it itself)
+    cfg = run_dict(tiny_model_dir, tri, tmp_path / "ds", backend={"num_workers": 2, "kind": "deepspeed", "zero_stage": 2,
+                                                                  "max_failures": 0},
                    train={"batch_size": 4, "max_steps": 4, "checkpoint_every": 2}, logging={"progress": True},
                    output={"storage_path": str(tmp_path / "nfs")}, **common)
     with pytest.raises(Exception, match="injected failure"):
