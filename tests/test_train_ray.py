@@ -1,6 +1,7 @@
 """Real Ray Train runs on CPU (few: each costs a worker-group start): 2 workers over gloo
-(``ddp``) and DeepSpeed ZeRO-2 with 2 workers, each compared with the in-process single worker
-using 2 accumulation steps (the same global batch), plus kill-after-checkpoint and resume."""
+(``ddp``) with a worker process killed mid-run, and DeepSpeed ZeRO-2 with 2 workers stopped and
+resumed, each compared with the in-process single worker using 2 accumulation steps (the same
+global batch); ZeRO-3 with the real 50k vocabulary (slow)."""
 
 from __future__ import annotations
 
@@ -73,10 +74,10 @@ def test_ddp_two_workers_equal_one_worker_and_survive_a_killed_worker(ray_sessio
     weights included (g_J all-reduced, each worker scoring its shard); the first loss is the
     closed form Σ w_i·L_i / 8 at policy = reference; parameters move; per-category losses drop.
 
-    Then the same run again, and one of its two Ray Train worker processes is killed (SIGKILL,
-    its real pid from Ray's state API) after the step-2 checkpoint: Ray Train restarts the worker
-    group by itself (``backend.max_failures``) from the newest checkpoint, and the run ends with
-    the same metrics and adapter as the uninterrupted one."""
+    One run proves it all, and that a run survives a lost worker: one of its two Ray Train worker
+    processes is killed (SIGKILL, its real pid) after the first checkpoint Ray Train registered;
+    Ray Train restarts the worker group by itself (``backend.max_failures``) from the newest
+    checkpoint, and the run ends with the metrics and adapter of the uninterrupted in-process run."""
     import os
     import signal
     import threading
@@ -85,40 +86,32 @@ def test_ddp_two_workers_equal_one_worker_and_survive_a_killed_worker(ray_sessio
 
     tri = write_triaged(tmp_path / "t.parquet")  # 4 invert, 2 punish, 2 retain, 1 unresolved
     common = dict(impact={"method": "jvp", "gold_size": 6, "batch_size": 4}, optim={"lr": 2e-2})
-    summary = realign(run_dict(tiny_model_dir, tri, tmp_path / "ray", backend={"num_workers": 2},
-                               train={"batch_size": 4, "max_steps": 6}, **common))
-    assert summary["rows_trained"] == 8 and summary["workers"] == 2 and summary["resumed_from"] == []
-    local = train_local(run_dict(tiny_model_dir, tri, tmp_path / "loc", train={"batch_size": 4, "grad_accum": 2, "max_steps": 6}, **common))
-    _compare(tmp_path / "ray", local, rtol=1e-4)
-
-    w = pq.read_table(tmp_path / "ray" / "weights.parquet").to_pydict()
-    cat = {r["id"]: r["category"] for r in pq.read_table(tri).to_pylist()}
-    per = {"invert": LN2, "punish": 2 * (2 / BETA) * LN2}
-    first = _lines(tmp_path / "ray")[0]
-    assert first["loss"] == pytest.approx(sum(x * per[cat[i]] for i, x in zip(w["id"], w["weight"])) / 8, rel=1e-5)
-    assert first["raw_L_I"] == pytest.approx(LN2, rel=1e-6) and first["L_KL"] == pytest.approx(0.0, abs=1e-7)
-    last = _lines(tmp_path / "ray")[-1]
-    assert last["raw_L_I"] < first["raw_L_I"] and last["raw_L_II"] < first["raw_L_II"]
-    assert max(float(t.abs().max()) for n, t in _adapter(tmp_path / "ray").items() if "lora_B" in n) > 0
-
-    killed = tmp_path / "killed"
-    cfg = run_dict(tiny_model_dir, tri, killed, backend={"num_workers": 2, "max_failures": 1},
+    out = tmp_path / "ray"
+    cfg = run_dict(tiny_model_dir, tri, out, backend={"num_workers": 2, "max_failures": 1},
                    train={"batch_size": 4, "max_steps": 6, "checkpoint_every": 2}, **common)
     result = {}
     run = threading.Thread(target=lambda: result.update(summary=realign(cfg)))
     run.start()
     pids = train_worker_pids()
-    at = wait_for_checkpoint(killed / "ray_train", run.is_alive)
+    at = wait_for_checkpoint(out / "ray_train", run.is_alive)
     os.kill(pids[1], signal.SIGKILL)
     run.join(timeout=600)
-    assert at < 6 and result["summary"]["resumed_from"] in ([2], [4])  # restarted by Ray Train from a checkpoint
-    ref, again = _lines(tmp_path / "ray"), _lines(killed)
-    assert [l["step"] for l in again] == list(range(1, 7))
-    for a, b in zip(again, ref):
-        for k in ("loss", "L_I", "L_II", "L_KL", "w_mean", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), (k, a["step"])
-    for n, t in _adapter(killed).items():
-        torch.testing.assert_close(t, _adapter(tmp_path / "ray")[n], rtol=1e-5, atol=1e-7)
+    summary = result["summary"]
+    assert summary["rows_trained"] == 8 and summary["workers"] == 2
+    assert at < 6 and summary["resumed_from"] in ([2], [4])  # restarted by Ray Train from a checkpoint
+    assert [l["step"] for l in _lines(out)] == list(range(1, 7))
+    local = train_local(run_dict(tiny_model_dir, tri, tmp_path / "loc", train={"batch_size": 4, "grad_accum": 2, "max_steps": 6}, **common))
+    _compare(out, local, rtol=1e-4)
+
+    w = pq.read_table(out / "weights.parquet").to_pydict()
+    cat = {r["id"]: r["category"] for r in pq.read_table(tri).to_pylist()}
+    per = {"invert": LN2, "punish": 2 * (2 / BETA) * LN2}
+    first = _lines(out)[0]
+    assert first["loss"] == pytest.approx(sum(x * per[cat[i]] for i, x in zip(w["id"], w["weight"])) / 8, rel=1e-5)
+    assert first["raw_L_I"] == pytest.approx(LN2, rel=1e-6) and first["L_KL"] == pytest.approx(0.0, abs=1e-7)
+    last = _lines(out)[-1]
+    assert last["raw_L_I"] < first["raw_L_I"] and last["raw_L_II"] < first["raw_L_II"]
+    assert max(float(t.abs().max()) for n, t in _adapter(out).items() if "lora_B" in n) > 0
 
 
 def test_deepspeed_zero2_two_workers_kill_and_resume(ray_session, tiny_model_dir, tmp_path):
