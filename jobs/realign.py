@@ -17,7 +17,7 @@ def main() -> None:
     args = p.parse_args()
 
     def work():
-        from trace_ray.stages import realign_job
+        from trace_ray.pipeline import realign_job
 
         _common.connect(args.address)
         return realign_job(args.config, args.overrides, force=args.force)

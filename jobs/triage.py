@@ -30,7 +30,7 @@ def main() -> None:
                                  ("rejected_key", args.rejected_key)) if v}
 
     def work():
-        from trace_ray.stages import triage_job
+        from trace_ray.pipeline import triage_job
 
         _common.connect(args.address)
         return triage_job(args.data, args.policy, args.out, format=args.format, force=args.force, **options)

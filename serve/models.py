@@ -74,9 +74,9 @@ def looks_like_hub_id(spec: str) -> bool:
     return not Path(spec.split("/", 1)[0]).exists()
 
 
-def build_model_table(model: str, adapters: dict[str, str], served_name: str | None = None) -> ModelTable:
+def build_model_table(model: str, adapters, served_name: str | None = None) -> ModelTable:
     """Resolve ``--model`` (a local model, a hub id ``org/name``, or an adapter whose base is then
-    served too) and ``--adapter``s. A hub id is fetched by vLLM or transformers where the replica
+    served too) and ``--adapter`` sources (``serve.state.adapter_folders``). A hub id is fetched by vLLM or transformers where the replica
     runs; a local path that does not exist is a ``FileNotFoundError`` here."""
     table_adapters: dict[str, str] = {}
     base_spec = model
@@ -90,12 +90,10 @@ def build_model_table(model: str, adapters: dict[str, str], served_name: str | N
         if not base_spec:
             raise ConfigError(f"model: {model}/adapter_config.json names no base_model_name_or_path")
         table_adapters[default_adapter_name(model)] = str(model)
-    for name, folder in adapters.items():
-        if folder.startswith(REMOTE):  # the vLLM path loads these itself (serve/vllm_backend.py)
-            pass
-        elif not _is_adapter(folder):
-            raise ConfigError(f"adapters.{name}: {folder} is not a peft adapter folder (no adapter_config.json)")
+    from serve.state import adapter_folders
+
+    for name, folder in adapter_folders(adapters).items():
         if name in table_adapters:
             raise ConfigError(f"adapters.{name}: the name is used twice")
-        table_adapters[name] = str(folder)
+        table_adapters[name] = folder
     return ModelTable(base_spec=base_spec, base_name=served_name or _base_name(base_spec), adapters=table_adapters)

@@ -1,35 +1,48 @@
-"""Request bodies (pydantic, strict types) and the size limits applied after parsing.
+"""Request bodies (pydantic, strict types), the OpenAI fields the transformers backend cannot
+honour, and the size limits applied after parsing.
 
-OpenAI bodies ignore fields they do not use (clients send many: ``user``, ``seed``,
-``presence_penalty`` ...); trace-ray's own ``/v1/triage`` body forbids unknown fields, so a typo
-is a 422 rather than a silent default. ``check_*`` apply ``Limits`` and raise ``ClientError``.
+No field is dropped silently. The transformers (``hf``) backend implements the fields of
+``ChatRequest`` / ``CompletionRequest``; any other field is answered by ``unsupported_fields``:
+accepted when it only labels the request (``user``, ``metadata`` ...) or holds its no-op value
+(``presence_penalty: 0``, ``tools: []``, ``response_format: {"type": "text"}`` ...), otherwise a
+400 that names it. The vLLM path does not use these models: it validates the body with
+``ray.serve.llm``'s own request models, which carry every field vLLM's server accepts
+(``serve/vllm_backend.py``). trace-ray's ``/v1/triage`` body forbids unknown fields (422).
+``check_*`` apply ``Limits`` to either path and raise ``ClientError``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_LOGPROBS = 20  # top_logprobs / completion logprobs, as OpenAI's and vLLM's default cap
 
 
 class ClientError(Exception):
     """A problem with the request: answered with ``status`` and ``message``, never a 500."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _OpenAI(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Unknown fields are kept (``model_extra``) and judged by ``unsupported_fields``, never ignored.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
-class TextPart(_OpenAI):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_OpenAI):
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
 
@@ -37,7 +50,7 @@ class ChatMessage(_OpenAI):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(_OpenAI):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
@@ -48,6 +61,7 @@ class _Sampling(_OpenAI):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit seed, as vLLM takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     guard: bool | None = None  # trace-ray extension: check each answer against the policy
@@ -55,19 +69,95 @@ class _Sampling(_OpenAI):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token the backend reports; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
+
+def validation_message(e) -> str:
+    """A pydantic ``ValidationError`` as one line naming each field (first 8)."""
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:8])
+
+
+# -- fields the transformers backend does not implement ------------------------------------------
+# Labels with no effect on the answer: accepted with any value.
+INFORMATIONAL = {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                 "prompt_cache_options"}
+
+
+def _no_tools(v: Any) -> bool:
+    return v in (None, [], "none")
+
+
+# Field → (values that change nothing, what to say when another value comes).
+NO_OP: dict[str, tuple[Any, str]] = {
+    "frequency_penalty": (lambda v: v in (None, 0, 0.0), "penalties are not implemented; send 0"),
+    "presence_penalty": (lambda v: v in (None, 0, 0.0), "penalties are not implemented; send 0"),
+    "logit_bias": (lambda v: v in (None, {}), "logit_bias is not implemented"),
+    "response_format": (lambda v: v in (None, {"type": "text"}), "structured output (json_object / json_schema) "
+                                                                "is not implemented; use the vllm backend"),
+    "tools": (_no_tools, "tool calling is not implemented"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not implemented"),
+    "parallel_tool_calls": (lambda v: True, ""),  # meaningless without tools, which are refused above
+    "functions": (_no_tools, "function calling is not implemented"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not implemented"),
+    "store": (lambda v: v in (None, False), "stored completions are not implemented"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "service tiers are not implemented"),
+    "modalities": (lambda v: v in (None, ["text"]), "only text output is implemented"),
+    "audio": (lambda v: v is None, "audio output is not implemented"),
+    "prediction": (lambda v: v is None, "predicted outputs are not implemented"),
+    "reasoning_effort": (lambda v: v is None, "reasoning_effort is not implemented"),
+    "verbosity": (lambda v: v is None, "verbosity is not implemented"),
+    "web_search_options": (lambda v: v is None, "web search is not implemented"),
+    "echo": (lambda v: v in (None, False), "echo is not implemented"),
+    "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not implemented"),
+    "best_of": (lambda v: v in (None, 1), "best_of is not implemented; use n"),
+}
+
+
+def unsupported_fields(req: _OpenAI) -> None:
+    """400 naming the first field this backend would otherwise have to drop."""
+    for name, value in (req.model_extra or {}).items():
+        if name in INFORMATIONAL:
+            continue
+        rule = NO_OP.get(name)
+        if rule is None:
+            raise ClientError(400, f"{name}: not supported by this server's transformers backend (hf); remove it, "
+                                   "or serve with --backend vllm", param=name)
+        ok, why = rule
+        if not ok(value):
+            raise ClientError(400, f"{name}: {value!r} is not supported by the transformers backend (hf): {why}",
+                              param=name)
+
+
+# -- triage ------------------------------------------------------------------------------------
 class TriageItem(BaseModel):
     """A pair (``chosen`` + ``rejected``) or a single ``response``; ``meta`` as the readers make it
     (for a pair ``{"chosen": {...}, "rejected": {...}}``, for a response that response's own)."""
@@ -97,37 +187,38 @@ class TriageItem(BaseModel):
 class TriageBatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     items: list[TriageItem] = Field(min_length=1)
+    policy: str | None = None  # a served policy's name (GET /v1/policies); default: the first
 
 
-# -- limits ------------------------------------------------------------------------------------
+# -- limits (both backends) ----------------------------------------------------------------------
 def _text(where: str, s: str, limits) -> None:
     if len(s) > limits.max_text_chars:
         raise ClientError(413, f"{where} is {len(s)} characters; the limit is {limits.max_text_chars}")
 
 
-def check_sampling(req: _Sampling, limits) -> int:
-    """Apply the shared limits; returns the effective max_tokens."""
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or limits.default_max_tokens
+def check_generation(limits, *, max_tokens: int | None, n: int, stops: list[str], texts: dict[str, str]) -> int:
+    """Shared limits of a chat or completion request; returns the effective max_tokens.
+    ``texts``: every prompt/message text by where it is in the body."""
+    max_tokens = max_tokens or limits.default_max_tokens
     if max_tokens > limits.max_tokens:
         raise ClientError(422, f"max_tokens is {max_tokens}; the limit is {limits.max_tokens}")
-    if req.n > limits.max_n:
-        raise ClientError(422, f"n is {req.n}; the limit is {limits.max_n}")
-    stops = req.stops()
+    if n > limits.max_n:
+        raise ClientError(422, f"n is {n}; the limit is {limits.max_n}")
     if len(stops) > limits.max_stop:
         raise ClientError(422, f"stop has {len(stops)} strings; the limit is {limits.max_stop}")
     for i, s in enumerate(stops):
         _text(f"stop[{i}]", s, limits)
-    if req.stream and req.n != 1:
-        raise ClientError(422, "stream: true supports n = 1 only")
+    for where, s in texts.items():
+        _text(where, s, limits)
     return max_tokens
 
 
 def check_chat(req: ChatRequest, limits) -> int:
     if len(req.messages) > limits.max_messages:
         raise ClientError(413, f"messages has {len(req.messages)} entries; the limit is {limits.max_messages}")
-    for i, m in enumerate(req.messages):
-        _text(f"messages[{i}].content", m.text(), limits)
-    return check_sampling(req, limits)
+    texts = {f"messages[{i}].content": m.text() for i, m in enumerate(req.messages)}
+    return check_generation(limits, max_tokens=req.max_completion_tokens or req.max_tokens, n=req.n,
+                            stops=req.stops(), texts=texts)
 
 
 def check_completion(req: CompletionRequest, limits) -> int:
@@ -136,11 +227,8 @@ def check_completion(req: CompletionRequest, limits) -> int:
         raise ClientError(422, "prompt: give a string or a non-empty list of strings")
     if len(prompts) > limits.max_items:
         raise ClientError(413, f"prompt has {len(prompts)} entries; the limit is {limits.max_items}")
-    if req.stream and len(prompts) != 1:
-        raise ClientError(422, "stream: true supports a single prompt only")
-    for i, p in enumerate(prompts):
-        _text(f"prompt[{i}]", p, limits)
-    return check_sampling(req, limits)
+    texts = {f"prompt[{i}]": p for i, p in enumerate(prompts)}
+    return check_generation(limits, max_tokens=req.max_tokens, n=req.n, stops=req.stops(), texts=texts)
 
 
 def check_triage(items: list[TriageItem], limits) -> None:

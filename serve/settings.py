@@ -25,11 +25,16 @@ class Limits:
     default_max_tokens: int = 64  # used when a request gives none
     max_n: int = 4  # choices per completion request
     max_stop: int = 4  # stop strings per request
+    max_json_depth: int = 32  # nesting of the JSON body (arrays/objects); deeper is a 400
+    body_timeout_s: float = 30.0  # time to receive the whole body; a slower client gets a 408
 
     def validate(self) -> None:
-        for name in ("max_body_bytes", "max_text_chars", "max_messages", "max_items", "max_tokens", "max_n", "max_stop"):
+        for name in ("max_body_bytes", "max_text_chars", "max_messages", "max_items", "max_tokens", "max_n", "max_stop",
+                     "max_json_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.body_timeout_s <= 0:
+            raise ConfigError(f"limits.body_timeout_s: must be > 0, got {self.body_timeout_s}")
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             raise ConfigError(
                 f"limits.default_max_tokens: must be in [1, max_tokens={self.max_tokens}], got {self.default_max_tokens}"
@@ -73,8 +78,11 @@ class ServeSettings:
     """Everything ``build_app`` needs; see docs/serving.md."""
 
     model: str  # HF folder, hub id (org/name), x.gguf, pypi:smollm2, or a peft adapter folder (+ its base)
-    policy: str | None = None  # policy YAML for /v1/triage and guard mode; None disables both
-    adapters: dict[str, str] = field(default_factory=dict)  # extra adapters: name -> folder
+    # Policies for /v1/triage and guard mode: "[NAME=]FILE.yaml" or a folder of YAMLs, one or a list
+    # (or a mapping name -> file); the first is the default. None disables both (serve/state.py).
+    policy: str | list[str] | dict[str, str] | None = None
+    # More LoRA adapters: name -> folder, or a list of "[NAME=]DIR" (DIR: an adapter, or a folder of them)
+    adapters: dict[str, str] | list[str] = field(default_factory=dict)
     served_name: str | None = None  # model id of the base in /v1/models (default: folder name)
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vllm when importable and a GPU is visible
     guard: bool = False  # check every completion against the policy (a request may also ask)
@@ -89,7 +97,7 @@ class ServeSettings:
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model: must name a model folder or spec")
-        for name in self.adapters:
+        for name in self.adapters if isinstance(self.adapters, dict) else ():
             if not name or ":" in name or "/" in name:
                 raise ConfigError(f"adapters.{name}: adapter names must be non-empty, without ':' or '/'")
         if self.gateway_num_cpus < 0 or self.triage_num_cpus < 0:

@@ -1,4 +1,4 @@
-"""The online triage deployment: the policy's rules run here, on the same code as offline triage.
+"""The online triage deployment: the served policies' rules run here, on the same code as offline triage.
 
 Pairs go through ``trace_ray.triage.triage_records`` and single responses through
 ``Policy.check``, so an answer over HTTP equals the offline ``trace-ray triage`` answer for the
@@ -29,45 +29,61 @@ def refuse_callables(policy) -> None:
 
 
 class TriageServer:
-    def __init__(self, policy_spec: dict, judge=None):
+    """The served policies (``user_config``: ``{"policies": {name: spec}}``, first = default). A
+    reload swaps the whole table at once: a request in flight keeps the policy it started with."""
+
+    def __init__(self, judge=None, policies: dict | None = None):
         from ray.serve.metrics import Counter
 
-        from trace_ray.policy import load_policy
-
-        self.policy = load_policy(policy_spec)
-        refuse_callables(self.policy)
         self.judge = judge
-        self.rule = self.policy.judge_rule
-        if self.rule is not None and judge is None:
-            raise PolicyRefused(f"policy {self.policy.fingerprint} has a judge rule but no judge deployment")
+        self.policies: dict = {}
         self.verdicts = Counter("trace_serve_verdicts", description="triage verdicts by kind",
                                 tag_keys=("kind", "verdict"))
+        if policies is not None:  # built without Serve: no user_config
+            self.reconfigure({"policies": policies})
 
-    async def _judge(self, prompts: list[str], responses: list[str]) -> list[str | None]:
+    def reconfigure(self, config: dict) -> None:
+        from trace_ray.policy import load_policy
+
+        table = {}
+        for name, spec in (config or {}).get("policies", {}).items():
+            policy = load_policy(spec)
+            refuse_callables(policy)
+            if policy.judge_rule is not None and self.judge is None:
+                raise PolicyRefused(f"policy {policy.fingerprint} has a judge rule but no judge deployment")
+            table[name] = policy
+        self.policies = table
+
+    async def _judge(self, rule, prompts: list[str], responses: list[str]) -> list[str | None]:
         """Raw judge answers, one per (prompt, response); None where the judge failed."""
         from trace_ray.policy.judge import judge_messages
 
-        reqs = [{"messages": judge_messages(self.rule, p, r), "max_tokens": self.rule.max_new_tokens,
+        reqs = [{"messages": judge_messages(rule, p, r), "max_tokens": rule.max_new_tokens,
                  "temperature": 0.0, "top_p": 1.0, "stop": [], "model": None, "judge": True}
                 for p, r in zip(prompts, responses)]
         outs = await asyncio.gather(*(self.judge.generate.remote(q) for q in reqs), return_exceptions=True)
-        return [o.get("text") if isinstance(o, dict) else None for o in outs]
+        return [o["choices"][0]["text"] if isinstance(o, dict) and o.get("choices") else None for o in outs]
 
-    async def run(self, items: list[dict]) -> list[dict]:
-        """Items as validated by ``serve.schemas.TriageItem`` (dicts) → one result per item.
+    async def run(self, items: list[dict], policy: str | None = None) -> list[dict]:
+        """Items as validated by ``serve.schemas.TriageItem`` (dicts), judged by the served policy
+        ``policy`` (None: the default) → one result per item.
 
         A rule that cannot decide on an item's values (e.g. ``meta.severity`` given as text) gives
         that item an ``error`` verdict with the reason, exactly as offline triage does. Any other
         failure on a client's values answers ``[{"error": msg}]``, which the Gateway turns into a
         422 — a client's data, not a crash.
         """
+        table = self.policies
+        if policy is not None and policy not in table:
+            return [{"error": f"policy {policy!r} is not served; served: {', '.join(table)} (GET /v1/policies)",
+                     "status": 404}]
         try:
-            return await self._run(items)
+            return await self._run(table[policy] if policy is not None else next(iter(table.values())), items)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             return [{"error": f"the policy could not judge these items ({type(e).__name__}: {str(e)[:200]}); "
                               "check the types in 'meta'"}]
 
-    async def _run(self, items: list[dict]) -> list[dict]:
+    async def _run(self, pol, items: list[dict]) -> list[dict]:
         from trace_ray.data.schema import row_id
         from trace_ray.triage import triage_records
 
@@ -82,11 +98,11 @@ class TriageServer:
                                 "prompt": it["prompt"], "chosen": it["chosen"], "rejected": it["rejected"],
                                 "meta": json.dumps(it.get("meta") or {})})
             answers = None
-            if self.rule is not None:
-                flat = await self._judge([r["prompt"] for r in records for _ in (0, 1)],
+            if pol.judge_rule is not None:
+                flat = await self._judge(pol.judge_rule, [r["prompt"] for r in records for _ in (0, 1)],
                                          [r[k] for r in records for k in ("chosen", "rejected")])
                 answers = list(zip(flat[0::2], flat[1::2]))
-            for i, row in zip(pairs, triage_records(self.policy, records, judge_answers=answers)):
+            for i, row in zip(pairs, triage_records(pol, records, judge_answers=answers)):
                 res = {k: row[k] for k in ("id", "chosen_verdict", "rejected_verdict", "category", "policy")}
                 res["reasons"] = json.loads(row["reasons"]) if isinstance(row["reasons"], str) else row["reasons"]
                 out[i] = res
@@ -94,10 +110,10 @@ class TriageServer:
         if singles:
             prompts = [items[i]["prompt"] for i in singles]
             responses = [items[i]["response"] for i in singles]
-            answers = await self._judge(prompts, responses) if self.rule is not None else None
-            verdicts = self.policy.check(prompts, responses, [items[i].get("meta") or {} for i in singles], answers)
+            answers = await self._judge(pol.judge_rule, prompts, responses) if pol.judge_rule is not None else None
+            verdicts = pol.check(prompts, responses, [items[i].get("meta") or {} for i in singles], answers)
             for i, v in zip(singles, verdicts):
-                out[i] = {**v.to_dict(), "policy": self.policy.fingerprint}
+                out[i] = {**v.to_dict(), "policy": pol.fingerprint}
                 self.verdicts.inc(tags={"kind": "response", "verdict": v.verdict})
         return out  # type: ignore[return-value]
 

@@ -10,99 +10,45 @@ on the second submission (their _DONE.json markers are untouched).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
+from ray_nodes import RAY, RayNode, ray_env, wait_for_checkpoint
 
-RAY = str(Path(sys.executable).parent / "ray")
 STAGES = ["triage", "realign", "evaluate"]  # serve_check: tests/test_real_model.py
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not the session's RAY_ADDRESS
-    env["RAY_AUTH_MODE"] = "token"
-    env["PATH"] = f"{Path(RAY).parent}:{env.get('PATH', '')}"
-    env.update(TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
-    return env
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    gcs, dash, client, agent, metrics, rte, nm, om = _free_ports(8)
-    temp = tempfile.mkdtemp(prefix="trj", dir="/tmp")  # short: Unix socket paths are limited
-    cmd = [RAY, "start", "--head", "--block", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
-           "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-           "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
-           "--runtime-env-agent-port", str(rte), "--node-manager-port", str(nm),
-           "--object-manager-port", str(om), "--temp-dir", temp, "--disable-usage-stats"]
-    log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    """A real Ray head (`ray start --head`) with the job server, of its own (tests/ray_nodes.py)."""
+    head = RayNode(num_cpus=2, dashboard=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # 401 without a token: the dashboard is up
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray head did not start: " + (Path(temp) / "head.log").read_text()[-2000:])
-                time.sleep(1)
-        yield address
+        head.wait_dashboard()
+        yield head.dashboard
     finally:
-        # `ray stop` would stop every Ray of this user on the machine; end only our process group
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        head.kill(signal.SIGTERM)
+        shutil.rmtree(head.temp, ignore_errors=True)
 
 
-def _submit(address: str, job_id: str, config: Path) -> subprocess.CompletedProcess:
+def _submit(address: str, job_id: str, config: Path, wait: bool = True) -> subprocess.CompletedProcess:
     cmd = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(ROOT),
-           "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--",
+           "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), *([] if wait else ["--no-wait"]), "--",
            "python", "jobs/pipeline.py", "--config", str(config)]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=900)
 
 
 def _status(address: str, job_id: str) -> str:
     """The job's final status as `ray job status` prints it ("Job 'x' succeeded")."""
-    r = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=_env(),
+    r = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=ray_env(),
                        capture_output=True, text=True, timeout=60)
     out = r.stdout + r.stderr
     m = re.search(rf"Job '{re.escape(job_id)}' (succeeded|failed|was stopped)", out)
@@ -112,11 +58,25 @@ def _status(address: str, job_id: str) -> str:
     return m.group(1) if m else out
 
 
+def _submit_ok(address: str, job_id: str, config: Path, out: Path) -> tuple[list[str], str, float]:
+    """Submit and wait; the stage statuses of OUT/pipeline.json, the job's output, the seconds."""
+    t0 = time.time()
+    r = _submit(address, job_id, config)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert _status(address, job_id) == "SUCCEEDED"
+    report = json.loads((out / "pipeline.json").read_text())
+    return [report["stages"][s]["status"] for s in STAGES], r.stdout, time.time() - t0
+
+
 def _markers(out: Path) -> dict:
     return {s: (out / s / "_DONE.json").stat().st_mtime_ns for s in STAGES}
 
 
-def test_pipeline_job_runs_then_skips_finished_stages(ray_head, tmp_path, tiny_model_dir, pku_path):
+def test_pipeline_job_stopped_then_resubmitted_runs_no_stage_twice(ray_head, tmp_path, tiny_model_dir, pku_path):
+    """The first submission's driver is stopped (`ray job stop`) during realign, after Ray Train
+    registered a checkpoint. The resubmission skips triage (its marker untouched), resumes realign
+    from that checkpoint (the steps before it are not trained again) and runs evaluate; a third
+    submission skips every stage."""
     out = tmp_path / "run"
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(f"""
@@ -131,16 +91,30 @@ realign:
   model: {{name: {tiny_model_dir}, lora: {{enabled: true, r: 4, alpha: 8}}}}
   reference: {{mode: adapter_disabled}}
   impact: {{weights: uniform}}
-  train: {{batch_size: 8, max_steps: 2}}
+  train: {{batch_size: 8, max_steps: 8, checkpoint_every: 2}}
   data: {{max_length: 96}}
   logging: {{progress: false}}
 evaluate: {{batch_size: 16, max_length: 96, max_prompts: 2, num_samples: 1, max_new_tokens: 8}}
 """)
     t0 = time.time()
-    r = _submit(ray_head, "trace-ray-jobs-test-1", cfg)
-    first_s = time.time() - t0
+    r = _submit(ray_head, "trace-ray-jobs-test-1", cfg, wait=False)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert _status(ray_head, "trace-ray-jobs-test-1") == "SUCCEEDED"
+    at = wait_for_checkpoint(out / "realign" / "ray_train",
+                             lambda: _status(ray_head, "trace-ray-jobs-test-1") in ("PENDING", "RUNNING"))
+    triage_marker = (out / "triage" / "_DONE.json").stat().st_mtime_ns
+    r = subprocess.run([RAY, "job", "stop", "--address", ray_head, "trace-ray-jobs-test-1"], env=ray_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _status(ray_head, "trace-ray-jobs-test-1") == "STOPPED"
+    assert at < 8 and not (out / "realign" / "_DONE.json").exists()
+    stopped_s = time.time() - t0
+
+    statuses, _, second_s = _submit_ok(ray_head, "trace-ray-jobs-test-2", cfg, out)
+    assert statuses == ["skipped", "ran", "ran"]
+    assert (out / "triage" / "_DONE.json").stat().st_mtime_ns == triage_marker
+    realign = json.loads((out / "realign" / "summary.json").read_text())
+    assert realign["resumed_from"] and realign["resumed_from"][0] >= at  # resumed, not trained again
+    assert [json.loads(l)["step"] for l in (out / "realign" / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
 
     n_in = sum(1 for line in pku_path.read_text().splitlines() if line.strip())
     table = pq.read_table(out / "triage" / "triaged.parquet")
@@ -154,24 +128,17 @@ evaluate: {{batch_size: 16, max_length: 96, max_prompts: 2, num_samples: 1, max_
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert metrics["split"] == "heldout" and metrics["rows"] == heldout.num_rows
     assert metrics["counts"] == summary["splits"]["heldout"]["counts"]
-    report = json.loads((out / "pipeline.json").read_text())
-    assert [report["stages"][s]["status"] for s in STAGES] == ["ran"] * 3
     before = _markers(out)
 
-    t0 = time.time()
-    r = _submit(ray_head, "trace-ray-jobs-test-2", cfg)
-    second_s = time.time() - t0
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert _status(ray_head, "trace-ray-jobs-test-2") == "SUCCEEDED"
-    report = json.loads((out / "pipeline.json").read_text())
-    assert [report["stages"][s]["status"] for s in STAGES] == ["skipped"] * 3
+    statuses, stdout, third_s = _submit_ok(ray_head, "trace-ray-jobs-test-3", cfg, out)
+    assert statuses == ["skipped"] * 3
     assert _markers(out) == before
-    assert "already done" in r.stdout
-    print(f"first submission {first_s:.0f} s, second (all skipped) {second_s:.0f} s")
+    assert "already done" in stdout
+    print(f"stopped submission {stopped_s:.0f} s, resubmission {second_s:.0f} s, third (all skipped) {third_s:.0f} s")
 
 
 def _evaluate_job(*args):
-    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in ray_env().items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "jobs/evaluate.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -10,7 +10,6 @@ import torch
 from trace_ray import losses as L
 from trace_ray.logprobs import (
     encode_pairs,
-    forward_logps,
     logits_mask,
     reference_logps,
     response_lengths,
@@ -98,20 +97,76 @@ def test_no_full_vocab_log_softmax(tiny_tokenizer, tiny_model, monkeypatch):
     torch.testing.assert_close(sequence_logps(tiny_model, b), expected)
 
 
-def test_return_logits_feeds_forward_kl_on_retain_rows(tiny_tokenizer, tiny_model):
+def test_chunked_kl_equals_forward_kl_on_full_logits(tiny_tokenizer, tiny_model, monkeypatch):
+    """kl_and_logps (hidden states through the head a few positions at a time, each chunk
+    checkpointed) = losses.forward_kl on the full [N, T, V] logits, in value and in gradient, for a
+    frozen-copy reference and for the adapter-disabled base; KL = 0 at θ = θ_ref."""
+    import trace_ray.logprobs as LP
+    from peft import LoraConfig, get_peft_model
+
+    from trace_ray.logprobs import kl_and_logps
+
     b = encode_pairs(tiny_tokenizer, RECORDS, max_length=128)
-    retain_rows = select_rows(b, [0, 2])  # chosen rows of pairs 0 and 2
-    lp, logits = forward_logps(tiny_model, retain_rows, return_logits=True)
-    assert logits.shape[:2] == retain_rows["input_ids"].shape
-    torch.testing.assert_close(lp, sequence_logps(tiny_model, b)[[0, 2]], rtol=1e-5, atol=1e-4)
-    mask = logits_mask(retain_rows["loss_mask"])
-    assert int(mask.sum()) == int(retain_rows["loss_mask"].sum())
-    torch.testing.assert_close(L.forward_kl(logits.detach(), logits, mask), torch.zeros(2))
-    other = copy.deepcopy(tiny_model)
+    rows = select_rows(b, [0, 2])  # chosen rows of pairs 0 and 2
+    mask = logits_mask(rows["loss_mask"])
+    kl0, lp0 = kl_and_logps(tiny_model, rows, copy.deepcopy(tiny_model))
+    torch.testing.assert_close(kl0, torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp0, sequence_logps(tiny_model, b)[[0, 2]], rtol=1e-5, atol=1e-4)
+
+    ref = copy.deepcopy(tiny_model).eval()
     with torch.no_grad():
-        other.lm_head.weight.add_(0.1 * torch.randn_like(other.lm_head.weight))
-    _, ref_logits = forward_logps(other, retain_rows, return_logits=True)
-    assert (L.forward_kl(ref_logits, logits, mask) > 0).all()
+        ref.lm_head.weight.add_(0.3 * torch.randn_like(ref.lm_head.weight))
+        ref.model.layers[0].mlp.up_proj.weight.add_(0.3 * torch.randn_like(ref.model.layers[0].mlp.up_proj.weight))
+    params = [p for p in tiny_model.parameters()]
+
+    def full():
+        logits = tiny_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        with torch.no_grad():
+            ref_logits = ref(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        return L.forward_kl(ref_logits, logits, mask)
+
+    def grads(fn):
+        tiny_model.zero_grad()
+        kl = fn()
+        (kl * torch.tensor([1.0, 2.0])).sum().backward()
+        return kl.detach(), [p.grad.clone() for p in params]
+
+    want, g_want = grads(full)
+    assert (want > 0).all()
+    monkeypatch.setattr(LP, "CHUNK_ELEMENTS", 3 * 320)  # 3 positions per chunk: many checkpointed chunks
+    got, g_got = grads(lambda: kl_and_logps(tiny_model, rows, ref)[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, c in zip(g_want, g_got):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        pol_logits = peft_model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+    kl, _ = kl_and_logps(peft_model, rows)  # the head is LoRA-wrapped too: p_ref from the base head
+    torch.testing.assert_close(kl.detach(), L.forward_kl(base_logits, pol_logits, mask), rtol=1e-5, atol=1e-6)
+    assert (kl > 0).all()
+
+
+def test_chunked_kl_never_builds_full_logits(tiny_tokenizer, tiny_model, monkeypatch):
+    """With chunks of 3 positions, no tensor with more than a chunk's worth of vocabulary rows is
+    made by the LM head: the head's outputs are all [≤ 3, V]."""
+    import trace_ray.logprobs as LP
+    from trace_ray.logprobs import kl_and_logps
+
+    rows = select_rows(encode_pairs(tiny_tokenizer, RECORDS, max_length=128), [0, 1, 2])
+    shapes = []
+    tiny_model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    monkeypatch.setattr(LP, "CHUNK_ELEMENTS", 3 * 320)
+    kl, lp = kl_and_logps(tiny_model, rows, copy.deepcopy(tiny_model))
+    (kl.sum() + lp.sum()).backward()
+    n_pos = int(logits_mask(rows["loss_mask"]).sum())
+    assert shapes and max(s[0] for s in shapes) == 3 and len(shapes) >= 2 * (-(-n_pos // 3))  # forward + recompute
 
 
 def test_peft_reference_is_base_and_gradients_flow(tiny_tokenizer, tiny_model):

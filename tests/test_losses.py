@@ -117,6 +117,17 @@ def _batch():
     return cat, pc, pr, rc, rr
 
 
+def test_token_kl_closed_form():
+    """p_ref = (1/2, 1/2), p_θ = (1/4, 3/4): KL = ½·ln(½/¼) + ½·ln(½/¾) = ½·ln(4/3) = 0.143841;
+    the reverse pair gives ¼·ln(¼/½) + ¾·ln(¾/½) = 0.130812 (KL is not symmetric)."""
+    half = torch.tensor([0.5, 0.5]).log()
+    skew = torch.tensor([0.25, 0.75]).log()
+    assert float(L.token_kl(half, skew)) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    assert float(L.token_kl(half, skew)) == pytest.approx(0.143841, rel=1e-5)
+    assert float(L.token_kl(skew, half)) == pytest.approx(0.130812, rel=1e-5)
+    assert float(L.token_kl(half, half)) == 0.0
+
+
 def test_trace_loss_combines_by_category_once():
     """mean reduction: (w0·L_I0 + w4·L_I4 + w1·L_II1)/3 + α·KL2/1, each term computed by hand."""
     cat, pc, pr, rc, rr = _batch()

@@ -8,7 +8,8 @@ import yaml
 from trace_ray.config import ConfigError, from_dict
 from trace_ray.train.config import RunConfig, load_run_config
 from trace_ray.train.data import balanced_bounds
-from trace_ray.train.run import check_inputs, make_plan, used_categories
+from trace_ray.train.config import used_categories
+from trace_ray.train.run import check_inputs, make_plan
 
 from train_data import run_dict, write_triaged
 
@@ -44,6 +45,11 @@ def test_defaults_and_yaml_round_trip(tmp_path, triaged, tiny_model_dir):
         ("backend.deepspeed.optimizer.type=Adam", "backend.deepspeed.optimizer"),
         ("model.lora.enabled=false", "reference.mode"),  # adapter_disabled needs LoRA
         ("method=npo_all", "impact.weights"),  # impact weights score TRACE's own losses
+        ("backend.max_failures=-2", "backend.max_failures"),
+        ("backend.min_workers=3", "backend.min_workers"),  # more than num_workers
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("backend.placement_strategy=RANDOM", "backend.placement_strategy"),
+        ("backend.deepspeed.bf16.enabled=true", "backend.deepspeed.bf16"),  # precision has one place
     ],
 )
 def test_bad_values_name_the_field(tmp_path, triaged, tiny_model_dir, override, field):
@@ -52,6 +58,49 @@ def test_bad_values_name_the_field(tmp_path, triaged, tiny_model_dir, override, 
     with pytest.raises(ConfigError) as e:
         load_run_config(p, [override])
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        # DeepSpeed's ZeRO checkpoints are tied to the number of workers: no fewer after a loss
+        (["backend.kind=deepspeed", "backend.num_workers=2", "backend.min_workers=1"], "backend.min_workers"),
+        # fd's ±ε differences drown in bf16 rounding: fp32 parameters only
+        (["model.dtype=bfloat16"], "impact.method"),
+        # mixed precision keeps fp32 master weights: not with bf16 weights under ddp
+        (["model.dtype=bfloat16", "impact.method=jvp", "train.mixed_precision=bf16"], "train.mixed_precision"),
+        # DeepSpeed trains bf16 weights only in its bf16 mode
+        (["backend.kind=deepspeed", "model.dtype=bfloat16", "impact.method=jvp"], "train.mixed_precision"),
+        (["model.attn_implementation=flash_attention_2", "impact.method=jvp"], "impact.method"),
+        # a refresh would score J against the moving θ: no reference model in the trainer
+        (["model.lora.enabled=false", "reference.mode=precomputed", "loss.alpha_kl=0", "impact.refresh_every=2"],
+         "impact.refresh_every"),
+    ],
+)
+def test_cross_field_rules_name_the_field(tmp_path, triaged, tiny_model_dir, overrides, field):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(run_dict(tiny_model_dir, triaged, tmp_path / "out")))
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p, overrides)
+    assert f"{field}:" in str(e.value)
+
+
+def test_precision_settings_that_are_accepted(tmp_path, triaged, tiny_model_dir):
+    """bf16 mixed precision: autocast under ddp with fp32 weights; DeepSpeed's bf16 mode (with
+    weights loaded in bf16 or fp32); jvp under sdpa (the math kernel is forced); a refresh with a
+    frozen copy (the KL needs one) or LoRA."""
+    from trace_ray.train.build import deepspeed_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(run_dict(tiny_model_dir, triaged, tmp_path / "out")))
+    assert load_run_config(p, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    for dtype in ("bfloat16", "float32"):
+        cfg = load_run_config(p, ["backend.kind=deepspeed", f"model.dtype={dtype}", "train.mixed_precision=bf16",
+                                  "impact.method=jvp", "model.attn_implementation=sdpa"])
+        assert deepspeed_config(cfg, 2)["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(load_run_config(p, ["backend.kind=deepspeed"]), 2)
+    load_run_config(p, ["model.lora.enabled=false", "reference.mode=precomputed", "impact.refresh_every=2"])
+    load_run_config(p, ["impact.refresh_every=2"])
 
 
 @pytest.mark.parametrize("alpha_kl, retain_nll, loaded", [(0.1, 0.0, True), (0.0, 1.0, True), (0.0, 0.0, False)])
@@ -89,6 +138,7 @@ def test_missing_or_wrong_inputs_fail_before_workers(tmp_path, triaged, tiny_mod
         check_inputs(from_dict(RunConfig, run_dict(tiny_model_dir, only_retain, tmp_path / "out")))
     info = check_inputs(from_dict(RunConfig, run_dict(tiny_model_dir, triaged, tmp_path / "out")))
     assert info["counts"] == {"invert": 4, "punish": 2, "retain": 2, "unresolved": 1} and info["rows"] == 8
+    assert info["duplicate_ids"] == 0
 
 
 def test_cli_bad_config_exits_2_naming_the_field(tmp_path, triaged, tiny_model_dir, capsys):
@@ -106,7 +156,7 @@ def test_plan_and_split():
                                 "train": {"batch_size": 4, "grad_accum": 2, "epochs": 3}})
     plan = make_plan(cfg, n_rows=17, world=2, out_dir="o")
     # 9 rows on the larger worker, 8 per optimizer step → 2 steps per epoch, 6 in all
-    assert plan["steps_per_epoch"] == 2 and plan["total_steps"] == 6
+    assert plan["steps_per_epoch"] == 2 and plan["total_steps"] == 6 and plan["offsets"] == [0, 9]
     assert balanced_bounds(17, 2) == [9] and balanced_bounds(10, 3) == [4, 7] and balanced_bounds(5, 1) == []
 
 

@@ -70,3 +70,31 @@ def run_dict(model_dir, triaged, out, **over) -> dict:
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return d
+
+
+def long_short_rows(n_short: int = 4, n_long: int = 4, long_words: int = 300) -> list[dict]:
+    """Triaged rows whose first ``n_short`` have responses of a few tokens and the next ``n_long``
+    responses of ``long_words`` words: two workers then score very different numbers of tokens
+    (contiguous shards). Categories cycle invert, punish, retain within each half."""
+    rows = []
+    cats = [("invert", "non_compliant", "compliant"), ("punish", "non_compliant", "non_compliant"),
+            ("retain", "compliant", "non_compliant")]
+    for i in range(n_short + n_long):
+        long = i >= n_short
+        cat, cv, rv = cats[i % 3]
+        words = " ".join(f"step {k} of the plan" for k in range(long_words // 5)) if long else "ok"
+        prompt = PROMPTS[i % len(PROMPTS)] + f" #{i}"
+        chosen, rejected = f"Here: {words}.", f"No: {words[::-1] if long else 'no'}."
+        rows.append({"id": row_id(prompt, chosen, rejected), "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "meta": "{}", "chosen_verdict": cv, "rejected_verdict": rv,
+                     "reasons": json.dumps({"chosen": [], "rejected": []}), "category": cat, "policy": "test@1#000000000000"})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=TRIAGED), path)
+    return path

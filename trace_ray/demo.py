@@ -92,7 +92,7 @@ def run_one(job: dict) -> dict:
             out["sample"] = {k: shifted[0][k] for k in ("prompt", "greedy", "sampled")}
         out["metrics"][split] = m
     out["curves"] = res["metrics"]
-    out["weights"] = sorted(float(w) for w in (res.get("weights") or {}).values())
+    out["weights"] = sorted(float(w) for _, w in (res.get("weights") or {}).values())
     out["train_s"] = round(t_train, 1)
     out["total_s"] = round(time.time() - t0, 1)
     if not job.get("keep_outputs"):

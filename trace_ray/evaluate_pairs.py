@@ -96,8 +96,7 @@ def _scores(nets: _Nets, tok, records: list[dict], *, max_length: int, batch_siz
     (the trainer's encoding); with ``kl``, ``kl[i]`` = mean token KL(ref ‖ model) on chosen."""
     import torch
 
-    from trace_ray.logprobs import encode_pairs, forward_logps, logits_mask, response_lengths, select_rows
-    from trace_ray.losses import forward_kl
+    from trace_ray.logprobs import encode_pairs, kl_and_logps, response_lengths, select_rows, sequence_logps
 
     # batches of similar length (less padding); the lists come back in the records' order
     order = sorted(range(len(records)), key=lambda i: sum(len(str(records[i][k])) for k in ("prompt", "chosen", "rejected")))
@@ -109,23 +108,19 @@ def _scores(nets: _Nets, tok, records: list[dict], *, max_length: int, batch_siz
         enc = encode_pairs(tok, batch, max_length)
         n = response_lengths(enc).tolist()
         with torch.no_grad():
-            m = forward_logps(nets.model, enc)[0].tolist()
+            m = sequence_logps(nets.model, enc).tolist()
             out["m_c"] += m[:B]
             out["m_r"] += m[B:]
             out["n_c"] += n[:B]
             out["n_r"] += n[B:]
             if nets.has_ref:
                 with nets.ref() as ref:
-                    r = forward_logps(ref, enc)[0].tolist()
+                    r = sequence_logps(ref, enc).tolist()
                 out["r_c"] += r[:B]
                 out["r_r"] += r[B:]
-                if kl:  # the full-vocabulary logits of the chosen rows only
+                if kl:  # the chosen rows only, a chunk of positions at a time (as the trainer)
                     sub = select_rows(enc, list(range(B)))
-                    pol_logits = forward_logps(nets.model, sub, return_logits=True)[1]
-                    with nets.ref() as ref:
-                        ref_logits = forward_logps(ref, sub, return_logits=True)[1]
-                    mask = logits_mask(sub["loss_mask"]).to(pol_logits.device)
-                    out["kl"] += forward_kl(ref_logits, pol_logits, mask).tolist()
+                    out["kl"] += kl_and_logps(nets.model, sub, None if nets.adapter else nets.reference)[0].tolist()
     back = sorted(range(len(order)), key=order.__getitem__)  # position of each original record
     return {k: [v[j] for j in back] if v else v for k, v in out.items()}
 

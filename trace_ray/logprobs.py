@@ -143,72 +143,199 @@ def _split(model):
     return backbone, head
 
 
-def _chunk_logps(source: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
-    logits = (head(source) if head is not None else source).float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def _label_logps(source: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
-    """``log p(label)`` for M positions, ``[M]`` fp32: ``logit[label] − logsumexp(logit)`` in chunks.
-
-    ``source`` is ``[M, H]`` hidden states (``head`` given) or ``[M, V]`` logits. When a backward
-    will follow, each chunk from hidden states is checkpointed: its ``[chunk, V]`` logits are
-    recomputed in the backward instead of being kept, so memory stays at one chunk of logits
-    (what a fused cross-entropy achieves) for one extra head matmul.
-    """
-    V = head.out_features if head is not None and hasattr(head, "out_features") else source.shape[-1]
-    step = max(1, CHUNK_ELEMENTS // max(1, V))
-    ckpt = head is not None and torch.is_grad_enabled() and source.requires_grad and source.shape[0] > step
-    out = []
-    for s in range(0, source.shape[0], step):
-        if ckpt:
-            from torch.utils.checkpoint import checkpoint
-
-            out.append(checkpoint(_chunk_logps, source[s : s + step], labels[s : s + step], head, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(source[s : s + step], labels[s : s + step], head))
-    return torch.cat(out) if out else source.new_zeros(0, dtype=torch.float32)
-
-
-def forward_logps(
-    model, batch: Mapping[str, torch.Tensor], return_logits: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward over all rows: ``(logps [N] fp32, logits [N, T, V] or None)``.
-
-    ``logps[n] = Σ_t loss_mask[n, t] · log p(input_ids[n, t] | input_ids[n, <t])``. Position ids
-    are derived from ``attention_mask`` so left and right padding give the same result. With
-    ``return_logits=True`` the full logits (model dtype, unshifted: position t predicts token t+1;
-    mask them with :func:`logits_mask`) come back for the retain forward-KL term.
-    """
+def _inputs(model, batch: Mapping[str, torch.Tensor]) -> dict:
+    """Device tensors of a batch and the scored positions: ``sel [N, T]`` logit positions that
+    predict a response token, ``labels [M]`` those tokens, ``rows [M]`` their sequence."""
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     attn = batch["attention_mask"].to(device)
-    sel = logits_mask(batch["loss_mask"].to(device))  # [N, T] logit positions that score a label
-    labels = input_ids[:, 1:][sel[:, :-1]]  # [M]
-    rows = sel.nonzero()[:, 0]  # [M] which sequence each scored position belongs to
-    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    split = _split(model)
-    logits = None
-    if split is not None:
-        backbone, head = split
-        hidden = backbone(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False)[0]
-        if return_logits:
-            logits = head(hidden)
-            tok = _label_logps(logits[sel], labels)
+    sel = logits_mask(batch["loss_mask"].to(device))
+    return {
+        "input_ids": input_ids, "attention_mask": attn, "sel": sel,
+        "labels": input_ids[:, 1:][sel[:, :-1]], "rows": sel.nonzero()[:, 0],
+        # from the attention mask, so left and right padding give the same numbers
+        "position_ids": (attn.cumsum(-1) - 1).clamp_min(0),
+    }
+
+
+def _hidden(backbone, x: dict) -> torch.Tensor:
+    return backbone(input_ids=x["input_ids"], attention_mask=x["attention_mask"], position_ids=x["position_ids"],
+                    use_cache=False)[0]
+
+
+def _logits(model, x: dict) -> torch.Tensor:
+    return model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], position_ids=x["position_ids"],
+                 use_cache=False).logits
+
+
+def _zero3(head) -> bool:
+    """Whether the head's weight is partitioned by DeepSpeed ZeRO-3 (it sets ``ds_id``): each
+    call of the head then gathers it, a collective when there is more than one rank."""
+    return head is not None and any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def _num_chunks(M: int, step: int, head) -> int:
+    """Chunks of ``step`` positions for ``M`` positions. Under ZeRO-3 every rank must call the
+    head the same number of times whatever its rows (else the gathers mismatch: a hang or wrong
+    numbers), so it is the largest count over the ranks — one small all-reduce per forward."""
+    n = -(-M // step)
+    import torch.distributed as dist
+
+    if _zero3(head) and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([n], dtype=torch.long, device=next(head.parameters()).device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n = int(t)
+    return n
+
+
+def _dummy(x: torch.Tensor) -> torch.Tensor:
+    """A one-position stand-in for an empty chunk, on ``x``'s graph when ``x`` has one (so the
+    backward also runs through the head, as on the ranks with real positions)."""
+    d = x.new_zeros((1,) + tuple(x.shape[1:]))
+    return d + x.sum() * 0 if x.requires_grad else d
+
+
+def _chunked(fn, inputs: list[torch.Tensor], head, V: int, n_out: int) -> tuple[list[torch.Tensor], torch.Tensor | float]:
+    """``fn(*chunk) -> tuple of [c] tensors`` over chunks of the M positions of ``inputs`` (each
+    ``[M, ...]``), ``CHUNK_ELEMENTS // V`` positions at a time; returns the ``n_out`` concatenated outputs
+    and a 0 tied to any stand-in chunk (add it to the result to keep those calls in the graph).
+
+    When a backward follows and there is more than one chunk, each chunk is checkpointed: its
+    ``[chunk, V]`` logits are recomputed in the backward instead of being kept, so memory holds
+    one chunk of logits (what a fused cross-entropy achieves) for one extra head matmul.
+    """
+    M = inputs[0].shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, V))
+    n = _num_chunks(M, step, head)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    # ZeRO-3 gathers the head's weight in its forward hook; the non-reentrant checkpoint's
+    # recompute (inside the backward) sees the released shard, the reentrant one re-runs the
+    # forward hooks (as DeepSpeed's own activation checkpointing does). Elsewhere non-reentrant,
+    # which also works under torch.autograd.grad (impact scores, g_J).
+    reentrant = _zero3(head)
+    outs: list[tuple] = []
+    zero: torch.Tensor | float = 0.0
+    for i in range(n):
+        s = i * step
+        chunk = [x[s : s + step] for x in inputs] if s < M else [_dummy(x) for x in inputs]
+        if grad and n > 1:
+            from torch.utils.checkpoint import checkpoint
+
+            r = checkpoint(fn, *chunk, use_reentrant=reentrant)
         else:
-            tok = _label_logps(hidden[sel], labels, head=head)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False).logits
-        tok = _label_logps(logits[sel], labels)
-        if not return_logits:
-            logits = None
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=device).index_add(0, rows, tok)
-    return logps, logits
+            r = fn(*chunk)
+        if s < M:
+            outs.append(r)
+        else:
+            zero = zero + sum(t.sum() for t in r) * 0
+    if not outs:
+        return [inputs[0].new_zeros(0, dtype=torch.float32) for _ in range(n_out)], zero
+    return [torch.cat(parts) for parts in zip(*outs)], zero
+
+
+def _chunk_logps(source: torch.Tensor, labels: torch.Tensor, head) -> tuple[torch.Tensor]:
+    logits = (head(source) if head is not None else source).float()
+    return (logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1),)
+
+
+def _label_logps(source: torch.Tensor, labels: torch.Tensor, head=None) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``log p(label)`` for M positions, ``[M]`` fp32 (``logit[label] − logsumexp(logit)``), in
+    chunks, plus the stand-in 0 of :func:`_chunked`. ``source`` is ``[M, H]`` hidden states
+    (``head`` given) or ``[M, V]`` logits."""
+    V = head.out_features if head is not None and hasattr(head, "out_features") else source.shape[-1]
+    (tok,), zero = _chunked(lambda s, l: _chunk_logps(s, l, head), [source, labels], head, V, 1)
+    return tok, zero
 
 
 def sequence_logps(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sequence response log-probs ``[N]`` fp32 (see :func:`forward_logps`)."""
-    return forward_logps(model, batch)[0]
+    """Per-sequence response log-probs ``[N]`` fp32, one forward over all rows:
+    ``logps[n] = Σ_t loss_mask[n, t] · log p(input_ids[n, t] | input_ids[n, <t])``.
+
+    For HF causal LMs the LM head runs only on the scored positions, in chunks (see
+    :func:`_chunked`); models with a logit transform after the head take their own forward.
+    """
+    x = _inputs(model, batch)
+    split = _split(model)
+    if split is not None:
+        backbone, head = split
+        tok, zero = _label_logps(_hidden(backbone, x)[x["sel"]], x["labels"], head=head)
+    else:
+        tok, zero = _label_logps(_logits(model, x)[x["sel"]], x["labels"])
+    N = x["input_ids"].shape[0]
+    return torch.zeros(N, dtype=torch.float32, device=tok.device).index_add(0, x["rows"], tok) + zero
+
+
+@contextlib.contextmanager
+def reference_view(model, ref_model=None):
+    """The reference as a model: ``ref_model`` (a frozen copy) when given, else ``model`` in eval
+    mode with its peft adapter disabled (exactly the base, DESIGN §6). Use under ``no_grad``."""
+    if ref_model is not None:
+        yield ref_model
+        return
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the reference needs a LoRA model (adapter disabled) or a frozen copy")
+    with eval_mode(model), model.disable_adapter():
+        yield model
+
+
+def _kl_chunk(h, rh, labels, head, ref_head) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: KL(p_ref ‖ p_θ) and log p_θ(label), from one chunk of hidden states."""
+    from trace_ray.losses import token_kl
+
+    pol = head(h).float()
+    pol_lp = pol - torch.logsumexp(pol, dim=-1, keepdim=True)
+    with torch.no_grad():
+        ref = ref_head(rh).float()
+        ref_lp = ref - torch.logsumexp(ref, dim=-1, keepdim=True)
+    return token_kl(ref_lp, pol_lp), pol_lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_and_logps(model, batch: Mapping[str, torch.Tensor], ref_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl [N], logps [N])``: the token-level forward KL(p_ref ‖ p_θ) of each row, averaged over
+    its response positions (``losses.forward_kl`` on the retain rows), and the rows' log-probs.
+
+    The reference is ``ref_model`` or ``model`` with its adapter disabled (:func:`reference_view`).
+    For HF causal LMs the two models' hidden states go through their LM heads a chunk of
+    positions at a time, each chunk checkpointed: the ``[N, T, V]`` logits of policy and
+    reference are never held, only one ``[chunk, V]`` pair, in the forward and again (recomputed)
+    in the backward. Models with a logit transform after the head use their full logits.
+    """
+    from trace_ray.losses import forward_kl
+
+    x = _inputs(model, batch)
+    N = x["input_ids"].shape[0]
+    split = _split(model)
+    with torch.no_grad(), reference_view(model, ref_model) as ref:
+        ref_split = _split(ref)
+        if split is None or ref_split is None:
+            ref_logits = _logits(ref, x)
+        else:
+            ref_hidden = _hidden(ref_split[0], x)
+    if split is None or ref_split is None:
+        logits = _logits(model, x)
+        tok, zero = _label_logps(logits[x["sel"]], x["labels"])
+        kl = forward_kl(ref_logits, logits, x["sel"])
+    else:
+        (backbone, head), ref_head = split, ref_split[1]
+        if ref_model is None and hasattr(head, "disable_adapters"):  # a LoRA-wrapped head: base head for p_ref
+            def ref_call(h):
+                with model.disable_adapter():
+                    return head(h)
+        else:
+            ref_call = ref_head
+        V = getattr(head, "out_features", None) or _vocab(model)
+        (kl_t, tok), zero = _chunked(
+            lambda h, rh, l: _kl_chunk(h, rh, l, head, ref_call),
+            [_hidden(backbone, x)[x["sel"]], ref_hidden[x["sel"]], x["labels"]], head, V, 2,
+        )
+        count = x["sel"].sum(-1).clamp_min(1).to(torch.float32)
+        kl = torch.zeros(N, dtype=torch.float32, device=kl_t.device).index_add(0, x["rows"], kl_t) / count
+    logps = torch.zeros(N, dtype=torch.float32, device=tok.device).index_add(0, x["rows"], tok)
+    return kl + zero, logps + zero
+
+
+def _vocab(model) -> int:
+    return int(getattr(getattr(_unwrap(model), "config", None), "vocab_size", 0) or 1)
 
 
 @contextlib.contextmanager
@@ -223,8 +350,12 @@ def eval_mode(model):
 
 
 def reference_logps(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Reference log-probs ``[N]`` fp32: no grad, eval mode; a peft model with its adapter
-    disabled is exactly the base (DESIGN §6), so LoRA runs need no second copy of the model."""
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with torch.no_grad(), eval_mode(model), ctx:
-        return sequence_logps(model, batch)
+    """Reference log-probs ``[N]`` fp32: no grad, eval mode, peft adapter disabled (the exact base,
+    DESIGN §6), so LoRA runs need no second copy of the model; a model without an adapter is
+    scored as it is (θ itself: the reference only while θ = θ_ref)."""
+    with torch.no_grad():
+        if not hasattr(model, "disable_adapter"):
+            with eval_mode(model):
+                return sequence_logps(model, batch)
+        with reference_view(model) as ref:
+            return sequence_logps(ref, batch)

@@ -119,17 +119,22 @@ def nll_anchor(winner_logps: torch.Tensor, winner_lengths: torch.Tensor, lam: fl
     return lam * (-winner_logps) / winner_lengths.to(winner_logps.dtype).clamp_min(1.0)
 
 
+def token_kl(ref_logps: torch.Tensor, policy_logps: torch.Tensor) -> torch.Tensor:
+    """``KL_t = Σ_v p_ref(v)·(log p_ref(v) − log p_θ(v))`` per position, from normalised log-probs
+    ``[..., V]`` → ``[...]``. 0 where the two distributions are equal; ≥ 0 always."""
+    return (ref_logps.exp() * (ref_logps - policy_logps)).sum(-1)
+
+
 def forward_kl(ref_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-level forward KL(p_ref ‖ p_θ), mean over masked positions per sample, ``[N]``.
 
     ``KL_t = Σ_v p_ref(v) · (log p_ref(v) − log p_θ(v))``; ``ref_logits``/``policy_logits``
     ``[N, T, V]``, ``mask`` ``[N, T]`` aligned with the *logit* positions (position t scores token
     t+1: use :func:`trace_ray.logprobs.logits_mask`). Rows with no masked position give 0.
-    Computed in fp32; materialises a full-vocab log-softmax, so call it on retain rows only.
+    Computed in fp32 on full ``[N, T, V]`` logits; the trainer computes the same numbers from
+    hidden states a chunk of positions at a time (``trace_ray.logprobs.kl_and_logps``).
     """
-    ref_lp = F.log_softmax(ref_logits.float(), dim=-1)
-    pol_lp = F.log_softmax(policy_logits.float(), dim=-1)
-    kl_t = (ref_lp.exp() * (ref_lp - pol_lp)).sum(-1)  # [N, T]
+    kl_t = token_kl(F.log_softmax(ref_logits.float(), dim=-1), F.log_softmax(policy_logits.float(), dim=-1))  # [N, T]
     m = mask.to(kl_t.dtype)
     return (kl_t * m).sum(-1) / m.sum(-1).clamp_min(1.0)
 

@@ -23,8 +23,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from trace_ray import stages as stage_impl
 from trace_ray import storage
-from trace_ray.config import ConfigError, deep_merge, read_yaml, to_dict
+from trace_ray.config import ConfigError, from_dict, to_dict
+from trace_ray.stages import ComponentMissing, StageContext, realign_dict, stage_uri
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_MISSING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = {
@@ -36,10 +38,6 @@ EXIT_CODES = {
 }
 STAGES = ("triage", "realign", "evaluate", "serve_check")
 MARKER = "_DONE.json"
-
-
-class ComponentMissing(RuntimeError):
-    """A library part or optional dependency the config asks for is absent (exit code 3)."""
 
 
 @dataclass
@@ -134,10 +132,6 @@ def content_id(uri: str, max_hash_bytes: int = 256 << 20) -> str:
     return fingerprint(info.size, str(info.mtime))
 
 
-def stage_uri(out: str, stage: str) -> str:
-    return storage.join(out, stage)
-
-
 def _read_marker_at(uri: str) -> dict | None:
     m = storage.join(uri, MARKER)
     try:
@@ -164,30 +158,12 @@ def is_done(out: str, stage: str, fp: str) -> bool:
     return bool(m and m.get("fingerprint") == fp)
 
 
-@dataclass
-class StageContext:
-    cfg: PipelineConfig
-    stage: str
-    uri: str  # OUT/<stage> (local or remote)
-    local_dir: str  # where the stage writes (== uri when local)
-    fingerprints: dict[str, str]
-
-
-StageFn = Callable[[StageContext], dict]
-
-
 def _log(msg: str) -> None:
     print(f"[trace-ray pipeline] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
 # Fingerprints of each stage (computed for all stages up front, so a bad input fails early)
-
-
-def realign_dict(cfg: PipelineConfig) -> dict:
-    """The ``RunConfig`` mapping of the realign stage, before the pipeline fills in its paths."""
-    base = read_yaml(storage.localize(cfg.realign_config)) if cfg.realign_config else {}
-    return deep_merge(base, cfg.realign)
 
 
 def plan(cfg: PipelineConfig) -> dict[str, str]:
@@ -238,8 +214,6 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] | None = None, dry_run: b
     ``{"stages": {name: {"status": "ran"|"skipped"|"planned", ...}}, "out": cfg.out}`` and writes it
     to ``OUT/pipeline.json``. Raises on a failing stage (no marker written for it).
     """
-    from trace_ray import stages as stage_impl
-
     force = set(force or [])
     fps = plan(cfg)
     stage_impl.validate(cfg)
@@ -264,6 +238,47 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] | None = None, dry_run: b
     if not dry_run:
         storage.write_json(storage.join(cfg.out, "pipeline.json"), report)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# One stage on its own (jobs/triage.py, jobs/realign.py): the same marker and skip logic, with
+# the stage's output folder given directly instead of OUT/<stage>.
+
+
+def triage_job(data: str, policy: str, out: str, format: str = "auto", force: bool = False, **options) -> dict:
+    """Triage ``data`` with ``policy`` into ``out`` (``triaged.parquet``, ``summary.json``, and the
+    held-out / validation splits); ``options``: more ``run_triage`` keyword arguments."""
+    cfg = from_dict(PipelineConfig, {"out": out, "data": data, "policy": policy, "format": format, "stages": ["triage"],
+                                     "triage": options})
+    stage_impl.validate(cfg)
+    fp = fingerprint("triage", content_id(data), format, content_id(policy), options)
+    return run_stage("triage", out, fp, lambda local, uri: stage_impl.triage(
+        StageContext(cfg=cfg, stage="triage", uri=uri, local_dir=local, fingerprints={"triage": fp})), force=force)
+
+
+def realign_job(config_path: str | None, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """``trace-ray realign`` as a resumable job: skipped when ``output.dir`` holds a marker for
+    the same config and the same triaged data; ``data.triaged`` / ``output.dir`` may be URIs."""
+    from dataclasses import replace
+
+    from trace_ray.config import load_config
+
+    RunConfig = stage_impl.need("trace_ray.train.config", "RunConfig", "the realign job")
+    realign_fn = stage_impl.need("trace_ray.train", "realign", "the realign job")
+    local_cfg = storage.localize(config_path) if config_path and storage.is_remote(config_path) else config_path
+    config = load_config(RunConfig, local_cfg, overrides)
+    out = config.output.dir
+    triaged = storage.localize(config.data.triaged)
+    d = to_dict(config)
+    d["output"].pop("dir")
+    d["data"].pop("triaged")
+    fp = fingerprint("realign", content_id(config.data.triaged), d)
+
+    def work(local: str, uri: str) -> dict:
+        cfg2 = replace(config, data=replace(config.data, triaged=triaged), output=replace(config.output, dir=local))
+        return json.loads(json.dumps(realign_fn(cfg2) or {}, default=str))
+
+    return run_stage("realign", out, fp, work, force=force)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,5 +327,6 @@ def write_result(path: str | None, obj: dict) -> None:
 __all__ = [
     "PipelineConfig", "ServeCheckConfig", "load_pipeline_config", "run_pipeline", "plan",
     "fingerprint", "content_id", "read_marker", "run_stage", "is_done", "StageContext",
-    "ComponentMissing", "exit_code_for", "guarded", "EXIT_CODES", "STAGES", "MARKER",
+    "ComponentMissing", "exit_code_for", "guarded", "EXIT_CODES", "STAGES", "MARKER", "stage_uri", "realign_dict",
+    "triage_job", "realign_job",
 ]

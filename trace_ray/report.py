@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from trace_ray.plots import histograms, pyplot
+
 HEADLINE = [
     ("tpa_sampled", "TPA sampled ↑"),
     ("tpa_greedy", "TPA greedy ↑"),
@@ -81,44 +83,17 @@ def _fmt(v, s=None) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_triage(results: dict, path: Path) -> Path | None:
     tri = results.get("triage")
     if not tri:
         return None
-    plt = _plt()
+    plt = pyplot()
     counts = tri["counts"]
     names = ["invert", "punish", "retain", "unresolved"]
     fig, ax = plt.subplots(figsize=(5, 3))
     bars = ax.bar(names, [counts.get(n, 0) for n in names], color=["#d62728", "#9467bd", "#2ca02c", "#7f7f7f"])
     ax.bar_label(bars)
     ax.set_title(f"Triage of {tri.get('total', sum(counts.values()))} pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def histograms(series: dict[str, list[float]], path: Path, xlabel: str, title: str) -> Path | None:
-    """Overlaid histograms, one per labelled series (None when there is nothing to plot)."""
-    if not series:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for label, xs in series.items():
-        ax.hist(xs, bins=30, alpha=0.6, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("pairs")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -138,7 +113,7 @@ def plot_losses(results: dict, path: Path) -> Path | None:
     methods = {n: m["runs"][0]["curves"] for n, m in results["methods"].items() if m.get("runs") and m["runs"][0].get("curves")}
     if not methods:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3), squeeze=False)
     for ax, (name, rows) in zip(axes[0], methods.items()):
         for k in LOSS_PARTS:  # the total and each part that this method has (None where absent)
@@ -159,7 +134,7 @@ def plot_tradeoff(results: dict, path: Path) -> Path | None:
     pts = {n: m for n, m in results["methods"].items() if "tpa_sampled" in m.get("mean", {}) and "collateral" in m["mean"]}
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, m in pts.items():
         ax.errorbar(m["mean"]["collateral"], m["mean"]["tpa_sampled"], xerr=m["std"].get("collateral", 0),

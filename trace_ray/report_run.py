@@ -111,14 +111,14 @@ def collect_run(*, triage: str | None = None, realign: str | None = None, metric
 # ----------------------------------------------------------------------------- plots
 def plot_training(results: dict, path: Path) -> Path | None:
     """Reward margin, reward accuracy, gradient norm and learning rate per logged step."""
-    from trace_ray.report import _plt
+    from trace_ray.plots import pyplot
 
     curves = {n: m["runs"][0]["curves"] for n, m in results["methods"].items() if m.get("runs") and m["runs"][0].get("curves")}
     keys = [(k, label) for k, label in TRAIN_CURVES
             if any(isinstance(r.get(k), (int, float)) for rows in curves.values() for r in rows)]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, (k, label) in zip(axes[0], keys):
         for name, rows in curves.items():
@@ -135,7 +135,7 @@ def plot_training(results: dict, path: Path) -> Path | None:
 
 
 def plot_weights_by_category(results: dict, path: Path) -> Path | None:
-    from trace_ray.report import histograms
+    from trace_ray.plots import histograms
 
     by_cat = results.get("run", {}).get("weights_by_category") or {}
     series = {f"{c} (n={s['n']}, zero {100 * s['zero_share']:.0f}%)": s["weights"] for c, s in by_cat.items()}

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
             "Train on OUT=output.dir: reads data.triaged (from `trace-ray triage`), runs the optional "
             "y_c and reference passes on Ray Data, the impact pass and training on Ray Train (DDP or "
             "DeepSpeed), and writes OUT/adapter or OUT/model, OUT/metrics.jsonl, OUT/weights.parquet. "
-            "Running the same config again resumes from the latest checkpoint. See docs/training.md."
+            "Running the same config again resumes from the latest checkpoint; a lost worker or node restarts "
+            "the run from it by itself (backend.max_failures, backend.min_workers). See docs/training.md."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

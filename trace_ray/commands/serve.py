@@ -1,21 +1,17 @@
 """``trace-ray serve``: the re-aligned model behind an OpenAI-compatible API, plus online triage.
 
     trace-ray serve --model runs/v2/adapter --policy configs/policies/pku_harm_v2.yaml
+    trace-ray serve --model base/ --adapter runs/ --policy v2=pku_harm_v2.yaml --policy v3=pku_harm_v3.yaml
     TRACE_API_KEY=secret trace-ray serve --model runs/v2/model --port 8080 --guard
+
+The long-running part (reload, graceful shutdown) is ``serve/runner.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "serve a model (OpenAI API) and a policy (/v1/triage) over HTTP with Ray Serve"
-
-
-def _adapter(value: str) -> tuple[str, str]:
-    if "=" not in value:
-        raise argparse.ArgumentTypeError(f"--adapter {value!r}: expected NAME=DIR")
-    name, folder = value.split("=", 1)
-    return name, folder
+HELP = "serve a model (OpenAI API) and policies (/v1/triage) over HTTP with Ray Serve"
 
 
 def register(subparsers) -> None:
@@ -23,19 +19,24 @@ def register(subparsers) -> None:
         "serve",
         help=HELP,
         description=(
-            HELP + ". Routes: GET /healthz, GET /v1/models, POST /v1/chat/completions, "
+            HELP + ". Routes: GET /healthz, GET /v1/models, GET /v1/policies, POST /v1/chat/completions, "
             "POST /v1/completions (stream: true → server-sent events), POST /v1/triage. "
-            "When $TRACE_API_KEY is set every route but /healthz needs 'Authorization: Bearer <key>'."
+            "When $TRACE_API_KEY is set every route but /healthz needs 'Authorization: Bearer <key>'. "
+            "New adapter folders and changed or new policy files are picked up while it runs (--reload-interval); "
+            "SIGTERM / Ctrl-C stop it gracefully (--grace-period)."
         ),
     )
     p.add_argument("--model", required=True,
                    help="model to serve: an HF folder (OUT/model), a peft adapter folder (OUT/adapter; its base "
                         "is served too), a .gguf file, or pypi:smollm2")
-    p.add_argument("--policy", default=None,
-                   help="policy YAML for /v1/triage and guard mode (callable rules are refused); without it "
-                        "/v1/triage answers 404")
-    p.add_argument("--adapter", action="append", type=_adapter, default=[], metavar="NAME=DIR",
-                   help="another LoRA adapter to serve as model '<base>:NAME' (repeatable), e.g. one per policy version")
+    p.add_argument("--policy", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a policy for /v1/triage and guard mode (repeatable): NAME=FILE.yaml, FILE.yaml (named by "
+                        "its file stem) or a folder of policy YAMLs (each named by its stem); the first is the "
+                        "default of /v1/triage. Callable rules are refused. Without any, /v1/triage answers 404")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a LoRA adapter to serve as model '<base>:NAME' (repeatable): NAME=DIR, DIR (named as "
+                        "trace-ray realign names it: runs/v3/adapter -> v3), or a folder whose sub-folders are "
+                        "adapters (each named by its sub-folder; new ones are picked up)")
     p.add_argument("--served-name", default=None,
                    help="model id of the base in /v1/models (default: the model folder's name)")
     p.add_argument("--host", default="127.0.0.1",
@@ -45,20 +46,29 @@ def register(subparsers) -> None:
                    help="generation engine: hf = transformers with @serve.batch (CPU/1 GPU); vllm = ray.serve.llm "
                         "(GPU, needs vllm); auto = vllm when importable and a GPU is visible (default auto)")
     p.add_argument("--guard", action="store_true",
-                   help="check every completion against the policy and add 'guard' (verdict, reasons) to each "
-                        "choice; a request can still set \"guard\": false/true itself")
+                   help="check every completion against the policy its model was re-aligned for (read from the "
+                        "adapter's run_config.yaml; else the first policy) and add 'guard' (verdict, reasons, "
+                        "policy) to each choice; a request can still set \"guard\": false/true itself")
     p.add_argument("--judge-model", default=None,
-                   help="model that answers the policy's judge rule (default: the rule's own model)")
+                   help="model that answers the policies' judge rules (default: the first judge rule's model)")
     p.add_argument("--max-batch-size", type=int, default=None, help="@serve.batch size of the hf backend (default 8)")
     p.add_argument("--replicas", type=int, default=None, help="replicas of the hf generator (default 1)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray is started)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any ServeSettings field, dotted (repeatable): limits.max_text_chars=4000, "
-                        "limits.max_items=64, limits.max_tokens=256, limits.max_body_bytes=200000, hf.num_cpus=2, "
-                        "vllm.lora_path=s3://bucket/adapters, api_key_env=MY_KEY (see docs/serving.md)")
+                        "limits.max_items=64, limits.max_tokens=256, limits.max_body_bytes=200000, "
+                        "limits.body_timeout_s=10, hf.num_cpus=2, vllm.lora_path=s3://bucket/adapters, "
+                        "api_key_env=MY_KEY (see docs/serving.md)")
+    p.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="how often policy files and adapter folders are checked for changes; a change is applied "
+                        "in place (Serve reconfigure, requests in flight finish); 0 turns it off (default 5)")
+    p.add_argument("--grace-period", type=float, default=20.0, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT: new requests get 503, requests in flight get this long to finish, "
+                        "then Serve and the local Ray stop and the process exits 0 (default 20)")
     p.add_argument("--no-block", action="store_true",
-                   help="deploy and return instead of serving until Ctrl-C (the app keeps running in the Ray cluster)")
+                   help="deploy and return instead of serving until stopped (the app keeps running in the Ray "
+                        "cluster; no reload, no graceful shutdown)")
     p.set_defaults(func=run)
 
 
@@ -67,7 +77,7 @@ def settings_from_args(args):
 
     from serve.settings import ServeSettings
 
-    data: dict = {"model": args.model, "policy": args.policy, "adapters": dict(args.adapter),
+    data: dict = {"model": args.model, "policy": list(args.policy) or None, "adapters": list(args.adapter),
                   "served_name": args.served_name, "backend": args.backend, "guard": args.guard,
                   "judge_model": args.judge_model}
     hf: dict = {}
@@ -82,32 +92,17 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
-    import time
-
-    from ray import serve
-
-    from serve.app import build_from_settings
-    from trace_ray.policy import PolicyError
-    from trace_ray.ray_utils import ensure_ray
+    from serve.runner import serve_forever
     from trace_ray.config import ConfigError
+    from trace_ray.policy import PolicyError
 
+    if args.reload_interval < 0 or args.grace_period < 0:
+        raise ConfigError("--reload-interval and --grace-period must be >= 0")
     settings = settings_from_args(args)
     try:
-        app = build_from_settings(settings)  # validates model, adapters and policy before Ray starts
-    except (PolicyError, ValueError) as e:
+        return serve_forever(settings, host=args.host, port=args.port, address=args.address,
+                             reload_s=args.reload_interval, grace_s=args.grace_period, block=not args.no_block)
+    except (PolicyError, ValueError) as e:  # before anything started: the CLI reports it and exits 2
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
-    ensure_ray(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="trace-ray", route_prefix="/")
-    print(f"trace-ray serve: ready at http://{args.host}:{args.port} (GET /v1/models, POST /v1/chat/completions, "
-          f"/v1/completions, /v1/triage; GET /healthz)", flush=True)
-    if args.no_block:
-        return 0
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-    return 0

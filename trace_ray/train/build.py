@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from trace_ray.train.config import RunConfig
+from trace_ray.train.config import RunConfig, needs_frozen_copy
 
 
 def seed_everything(seed: int) -> None:
@@ -19,15 +19,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:  # pragma: no cover
         pass
-
-
-def needs_frozen_copy(cfg: RunConfig) -> bool:
-    """A second frozen model is held only when nothing cheaper gives the reference."""
-    if cfg.reference.mode == "frozen_copy":
-        return True
-    # precomputed log-probs cover the preference terms; the retain KL still needs reference
-    # logits: from the adapter-disabled base with LoRA, else from a frozen copy.
-    return cfg.reference.mode == "precomputed" and not cfg.model.lora.enabled and cfg.loss.alpha_kl > 0
 
 
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu"):
@@ -88,7 +79,9 @@ def build_optimizer(params, cfg: RunConfig, total_steps: int):
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config: batch sizes from ``train``, ZeRO stage from ``backend.zero_stage``,
-    precision from ``model.dtype``, clipping from ``optim``; ``backend.deepspeed`` merged on top."""
+    precision from ``train.mixed_precision`` (bf16: DeepSpeed casts the module to bf16 and keeps
+    fp32 master weights in its optimiser) or ``model.dtype=float16`` (its fp16 mode, loss scaling),
+    clipping from ``optim``; ``backend.deepspeed`` merged on top."""
     from trace_ray.config import deep_merge
 
     zero: dict = {"stage": cfg.backend.zero_stage}
@@ -103,7 +96,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.model.dtype == "bfloat16":
+    if cfg.train.mixed_precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.model.dtype == "float16":
         ds["fp16"] = {"enabled": True}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trace_ray.train.config import RunConfig
+from trace_ray.train.config import RunConfig, used_categories
 
 
 def _keep(cats):
@@ -25,8 +25,6 @@ def _keep(cats):
 def prepare_dataset(cfg: RunConfig, out: Path):
     """A materialised Ray Dataset of the rows to train on, with the extra columns."""
     import ray.data
-
-    from trace_ray.train.run import used_categories
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -66,7 +64,6 @@ def prepare_dataset(cfg: RunConfig, out: Path):
 
 def prepare_records(cfg: RunConfig) -> list[dict]:
     """The same rows as ``prepare_dataset``, built in this process (no Ray)."""
-    from trace_ray.train.run import used_categories
     from trace_ray.triage_output import read_triaged
 
     df = read_triaged(cfg.data.triaged).to_pandas()

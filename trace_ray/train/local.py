@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trace_ray.train.config import RunConfig
+from trace_ray.train.config import RunConfig, used_categories
 
 
 def train_local(config, *, records: list[dict] | None = None, progress: bool | None = None,
@@ -26,11 +26,11 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
     from trace_ray.train.data import prepare_records
     from trace_ray.train.env import LocalEnv
     from trace_ray.train.loop import run_worker
-    from trace_ray.train.run import _write_config, as_run_config, resolve_paths, check_inputs, collect_outputs, gold_records, make_plan, used_categories
+    from trace_ray.train.run import _write_config, as_run_config, resolve_paths, check_inputs, collect_outputs, gold_records, make_plan, warn_duplicates
 
     cfg: RunConfig = as_run_config(config)
     if records is None:
-        check_inputs(cfg)
+        warn_duplicates(check_inputs(cfg))
         cfg = resolve_paths(cfg)
         records = prepare_records(cfg)
     else:
@@ -44,7 +44,7 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
     gold = gold_records(cfg) if cfg.impact.weights == "impact" else []
     env = LocalEnv(out, keep=max(1, cfg.train.keep_checkpoints),
                    progress=cfg.logging.progress if progress is None else progress)
-    res = run_worker(cfg, plan, records, gold, env)
+    res = run_worker(cfg, plan, {0: records}, gold, env)
     outputs = {}
     if save and env.final_dir is not None:
         outputs = collect_outputs(env.final_dir, out)
@@ -52,6 +52,6 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
     res["output_dir"] = str(out)
     (out / "summary.json").write_text(json.dumps(
         {"output_dir": str(out), **outputs, "steps": plan["total_steps"], "rows_trained": len(records),
-         "workers": 1, "backend": "local", "final_metrics": res["metrics"][-1] if res["metrics"] else {}},
+         "workers": 1, "backend": "local", "resumed_from": res["resumed_from"], "final_metrics": res["metrics"][-1] if res["metrics"] else {}},
         indent=1, default=str))
     return res

@@ -34,7 +34,7 @@ from trace_ray.train import save as S
 from trace_ray.train.build import build_model, build_optimizer, deepspeed_config, seed_everything, trainable_named
 from trace_ray.train.config import RunConfig
 from trace_ray.train.env import scratch_dir
-from trace_ray.train.step import StepSettings, collate, compute_loss, merge_stats, stats_tensor, summarize, tensor_stats
+from trace_ray.train.step import DUMMY_ROW, PREF_CATEGORIES, StepSettings, autocast_context, collate, compute_loss, merge_stats, stats_tensor, summarize, tensor_stats
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -49,10 +49,12 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step bar is the one to watch
-    rows = list(ray.train.get_dataset_shard(f"train_{env.rank}").iter_rows())
-    gold_it = ray.train.get_dataset_shard("gold") if config["plan"].get("gold") else None
+    plan = config["plan"]
+    shards = {v: list(ray.train.get_dataset_shard(f"train_{v}").iter_rows())
+              for v in virtual_ranks(env.rank, env.world, plan["world"])}
+    gold_it = ray.train.get_dataset_shard("gold") if plan.get("gold") else None
     gold = list(gold_it.iter_rows()) if gold_it is not None else []
-    run_worker(cfg, config["plan"], rows, gold, env)
+    run_worker(cfg, plan, shards, gold, env)
     if cfg.backend.kind == "deepspeed":
         import torch.distributed as dist
 
@@ -74,10 +76,12 @@ def _micro_rows(rows: list[dict], k: int, B: int, mpe: int, seed: int, shuffle: 
     return take or [pad_row]
 
 
-def _clean_rows(rows: list[dict]) -> list[dict]:
+def _clean_rows(rows: list[dict], offset: int = 0) -> list[dict]:
+    """Plain Python values, and ``_row``: the row's position in the training rows (shard offset +
+    index), which keys its impact weight — ids need not be unique."""
     out = []
-    for r in rows:
-        r = dict(r)
+    for i, r in enumerate(rows):
+        r = dict(r, _row=offset + i)
         for k, v in list(r.items()):
             if hasattr(v, "item") and not isinstance(v, (str, bytes)):
                 r[k] = v.item()
@@ -103,28 +107,47 @@ def _quiet_ray_logs() -> None:
         pass
 
 
-def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], env) -> dict:
-    """Train on this worker's ``rows``; returns ``{"model", "tokenizer", "metrics", "outputs"}``."""
+def virtual_ranks(rank: int, world: int, nominal: int) -> list[int]:
+    """The shards a worker runs: its own rank's, plus those of missing ranks when the run goes on
+    with fewer workers than it started with (``backend.min_workers``): rank r of w runs r, r+w, …"""
+    return list(range(rank, nominal, world))
+
+
+def run_worker(cfg: RunConfig, plan: dict, shards: dict[int, list[dict]], gold: list[dict], env) -> dict:
+    """Train on this worker's ``shards`` (``{shard index: rows}``); returns ``{"model", "tokenizer",
+    "metrics", "outputs", "weights"}``.
+
+    The run's arithmetic is that of ``plan["world"]`` workers (the shards the driver cut) whatever
+    the number of workers running it: each micro-step runs one micro-batch per shard held, and the
+    gradients are summed over workers and divided by the number of shards. So a run that lost a
+    worker and goes on with fewer ends where the uninterrupted run ends.
+    """
     seed_everything(cfg.train.seed)
-    rows = _clean_rows(rows)
+    offsets = plan.get("offsets", [0])
+    shards = {v: _clean_rows(rows, offsets[v]) for v, rows in sorted(shards.items())}
+    rows = [r for v in shards for r in shards[v]]
     tok, model, ref_model = build_model(cfg, env.device)
     settings = StepSettings.from_run(cfg)
     B, accum = cfg.train.batch_size, cfg.train.grad_accum
     spe, total_steps = int(plan["steps_per_epoch"]), int(plan["total_steps"])
+    nominal = int(plan.get("world", env.world))
     mpe = spe * accum
     named = trainable_named(model)
     params = [p for _, p in named]
     opt, sched = build_optimizer(params, cfg, total_steps)
     ds = cfg.backend.kind == "deepspeed"
+    if ds and len(shards) != 1:
+        raise RuntimeError("deepspeed: one shard per worker (backend.min_workers is for ddp only)")
     engine = None
 
     # Stage 3 weights at θ_ref, before any update (a resumed run takes them from its checkpoint).
     with env.latest_checkpoint() as ckpt:
         has_ckpt = ckpt is not None
-        weights = json.loads((ckpt / f"weights_rank{env.rank}.json").read_text()) if has_ckpt else None
+        weights = S.load_weights(ckpt) if has_ckpt else None
     if weights is None:
         weights = _weights(cfg, model, tok, rows, gold, env, ref_model)
     _attach(rows, weights)
+    weights = {r["_row"]: weights[r["_row"]] for r in rows if r["_row"] in weights}  # this worker's share
 
     if env.world > 1 and not ds:
         for p in model.parameters():  # same start on every rank, as DDP does
@@ -136,15 +159,18 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
             model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params,
             config=deepspeed_config(cfg, env.world),
         )
-    state = {"step": 0, "metrics": []}
+    state = {"step": 0, "metrics": [], "resumed_from": []}
     if has_ckpt:
         with env.latest_checkpoint() as ckpt:
-            state, _ = S.load_checkpoint(ckpt, rank=env.rank, model=model, optimizer=opt, scheduler=sched, engine=engine)
+            state = S.load_checkpoint(ckpt, rank=env.rank, model=model, optimizer=opt, scheduler=sched, engine=engine)
+        state["resumed_from"] = list(state.get("resumed_from", [])) + [state["step"]]
     metrics: list[dict] = list(state.get("metrics", []))
     out_dir = Path(plan["out_dir"]) if plan.get("out_dir") else None
     log = _MetricsLog(out_dir, metrics, cfg, env)
 
-    pad_row = dict(rows[0] if rows else {"category": "retain"}, _pad=True)
+    # A shard that runs out (or that has no rows at all: fewer rows than workers) feeds padding
+    # rows: no loss, but the same forwards and collectives as the others.
+    pads = {v: dict(r[0] if r else dict(DUMMY_ROW, category="retain"), _pad=True) for v, r in shards.items()}
     net = engine.module if engine is not None else model
     net.train()
     bar = env.tqdm(total=total_steps, initial=state["step"], desc="realign", unit="step", dynamic_ncols=True)
@@ -159,21 +185,23 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
         step_stats: dict = {}
         for micro in range(accum):
             k = step * accum + micro
-            batch = collate(tok, _micro_rows(rows, k, B, mpe, cfg.train.seed, cfg.train.shuffle, pad_row), settings)
-            loss, st = compute_loss(net, batch, settings, ref_model)
-            if loss.grad_fn is None:  # padding-only micro-batch: keep every rank's backward in step
-                loss = sum(p.sum() for p in params) * 0.0
-            merge_stats(step_stats, st)
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                (loss / accum).backward()
+            for v, shard in shards.items():
+                batch = collate(tok, _micro_rows(shard, k, B, mpe, cfg.train.seed, cfg.train.shuffle, pads[v]), settings)
+                with autocast_context(cfg, env.device, deepspeed=engine is not None):
+                    loss, st = compute_loss(net, batch, settings, ref_model)
+                if loss.grad_fn is None:  # padding-only micro-batch: keep every rank's backward in step
+                    loss = sum(p.sum() for p in params) * 0.0
+                merge_stats(step_stats, st)
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / accum).backward()
         if engine is not None:
             gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else float("nan")
         else:
-            _all_reduce_grads(params, env)
+            _all_reduce_grads(params, env, nominal)
             gnorm = (
                 float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
                 if cfg.optim.max_grad_norm
@@ -189,7 +217,7 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
         bar.update(1)
         is_last = done == total_steps
         if done % cfg.train.log_every == 0 or is_last:
-            line = _reduce_metrics(acc_stats, env, B * accum * env.world)
+            line = _reduce_metrics(acc_stats, env, B * accum * nominal)
             rows_seen += line["rows"]
             dt = time.perf_counter() - t0
             line.update(step=done, epoch=(done - 1) // spe, lr=sched.get_last_lr()[0] if hasattr(sched, "get_last_lr") else cfg.optim.lr,
@@ -201,7 +229,7 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
             d = None
             if ckpt_now:
                 d = scratch_dir()
-                S.save_checkpoint(d, rank=env.rank, state={"step": done, "metrics": log.lines}, weights=weights,
+                S.save_checkpoint(d, rank=env.rank, state=_state(done, log, state), weights=weights,
                                   model=net, optimizer=opt, scheduler=sched, engine=engine)
             env.report(line, d)
             if fail_at and done >= fail_at and d is not None:
@@ -211,7 +239,7 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
     # Final save: a checkpoint that also holds the output folder (the driver copies it to OUT).
     d = scratch_dir()
     sd = S.consolidated_state_dict(engine)
-    S.save_checkpoint(d, rank=env.rank, state={"step": total_steps, "metrics": log.lines}, weights=weights,
+    S.save_checkpoint(d, rank=env.rank, state=_state(total_steps, log, state), weights=weights,
                       model=net, optimizer=opt, scheduler=sched, engine=engine)
     outputs = {}
     if env.rank == 0:
@@ -221,17 +249,23 @@ def run_worker(cfg: RunConfig, plan: dict, rows: list[dict], gold: list[dict], e
     last = dict(log.lines[-1]) if log.lines else {"step": total_steps}
     env.report(dict(last, step=total_steps), d, final=True)
     log.close()
-    return {"model": net, "tokenizer": tok, "metrics": log.lines, "outputs": outputs, "weights": weights}
+    return {"model": net, "tokenizer": tok, "metrics": log.lines, "outputs": outputs, "weights": weights,
+            "resumed_from": state["resumed_from"]}
 
 
-def _all_reduce_grads(params, env) -> None:
-    """Mean of the trainable gradients over workers, in one flat bucket (what DDP does)."""
-    if env.world <= 1:
+def _state(step: int, log, state: dict) -> dict:
+    return {"step": step, "metrics": log.lines, "resumed_from": state["resumed_from"]}
+
+
+def _all_reduce_grads(params, env, nominal: int) -> None:
+    """Mean of the trainable gradients over the ``nominal`` shards, in one flat bucket (what DDP
+    does; with fewer workers than shards each worker's gradient already sums its shards)."""
+    if env.world <= 1 and nominal <= 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads]).float()
     env.all_reduce(flat)
-    flat /= env.world
+    flat /= nominal
     off = 0
     for p, g in zip(params, grads):
         n = g.numel()
@@ -253,18 +287,24 @@ def _reduce_metrics(acc: dict, env, nominal_rows_per_step: int) -> dict:
 
 
 def _weights(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None) -> dict:
-    """``{row id: weight}`` for this worker's preference rows (uniform → 1.0)."""
+    """``{row: (id, weight)}`` for this worker's preference rows (uniform → 1.0)."""
     if cfg.impact.weights == "uniform":
-        return {r["id"]: 1.0 for r in rows if r["category"] in ("invert", "punish")}
+        return {r["_row"]: (r["id"], 1.0) for r in rows if r["category"] in PREF_CATEGORIES}
     from trace_ray.train.passes import impact_pass
 
     return impact_pass(cfg, getattr(model, "module", model), tok, rows, gold, env, ref_model)
 
 
 def _attach(rows: list[dict], weights: dict) -> None:
+    """Every preference row gets its own weight; one without (a checkpoint of other data) is an
+    error, never a silent 1.0 (under L1 normalisation that would outweigh all the others)."""
     for r in rows:
-        if r["category"] in ("invert", "punish"):
-            r["weight"] = float(weights.get(r["id"], 1.0))
+        if r["category"] in PREF_CATEGORIES:
+            got = weights.get(r["_row"])
+            if got is None or got[0] != r["id"]:
+                raise ValueError(f"impact weights: none for row {r['_row']} (id {r['id']}); the checkpoint was made "
+                                 "with other training rows: delete it to start over")
+            r["weight"] = float(got[1])
 
 
 class _MetricsLog:

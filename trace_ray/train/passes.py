@@ -52,22 +52,22 @@ class ReferenceLogps:
 
 
 def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None) -> dict:
-    """``{row id: weight}`` for this worker's invert/punish rows (see module docstring)."""
+    """``{row: (id, weight)}`` for this worker's invert/punish rows, keyed by ``row["_row"]`` (the
+    row's position in the training rows; see module docstring)."""
     from trace_ray.impact import dpo_objective, global_gradient, impact_scores
     from trace_ray.logprobs import encode_pairs
     from trace_ray.losses import category_codes
-    from trace_ray.train.step import _reference_forward
+    from trace_ray.logprobs import reference_logps
+    from trace_ray.train.step import _reference_logps
 
     ic, mode = cfg.impact, cfg.reference.mode
     bs, L = ic.batch_size, cfg.data.max_length
     params = [p for p in model.parameters() if p.requires_grad]
 
     def ref_of(batch):
-        if ref_model is None and not hasattr(model, "disable_adapter"):
-            from trace_ray.logprobs import reference_logps  # full fine-tune at θ = θ_ref: θ itself
-
-            return reference_logps(model, batch)
-        return _reference_forward(model, ref_model, batch, "frozen_copy" if ref_model is not None else "adapter_disabled", False)[0]
+        if ref_model is not None:
+            return _reference_logps(model, ref_model, batch, "frozen_copy")
+        return reference_logps(model, batch)  # adapter disabled; a full fine-tune at θ = θ_ref: θ itself
 
     # g_J: this worker's slice of the gold batch, summed over workers with pair counts.
     mine = gold[env.rank :: env.world]
@@ -107,9 +107,11 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
             )
         else:
             b["ref_logps"] = ref_of(b)
+        # Punish rows are scored on NPO without 2/β whatever loss.npo_normalize says: a weight must
+        # not grow with a constant factor of the loss it multiplies, else 2/β counts twice
+        # ((2/β)² ≈ 44 at β = 0.3 against invert rows). docs/method.md, "Punish-row balance".
         scores[s : s + len(chunk)] = impact_scores(
-            model, b, g_J, ic.method, beta=cfg.loss.beta, npo_normalize=cfg.loss.npo_normalize,
-            nll_lambda=cfg.loss.nll_anchor,
+            model, b, g_J, ic.method, beta=cfg.loss.beta, npo_normalize=False, nll_lambda=cfg.loss.nll_anchor,
         ).double()
 
     # Global normalisation (= impact.normalize_weights over every worker's scores at once).
@@ -121,4 +123,4 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
         w, total = torch.ones_like(w), n
     if n:
         w = w / total * (n if ic.normalize == "mean" else 1.0)
-    return {r["id"]: float(x) for r, x in zip(pref, w)}
+    return {r["_row"]: (r["id"], float(x)) for r, x in zip(pref, w)}

@@ -5,7 +5,7 @@ worker starts (``check_inputs``): the config (strict types, choices, cross-field
 triaged file and its columns, the model path, the gold file, optional packages.
 
 Outputs under ``output.dir``: ``adapter/`` or ``model/`` (+ tokenizer), ``metrics.jsonl``,
-``weights.parquet`` (id, category, weight), ``run_config.yaml``, ``summary.json``,
+``weights.parquet`` (row, id, weight), ``run_config.yaml``, ``summary.json``,
 ``prepared/`` (Parquet with y_c / reference columns, when those passes ran) and
 ``ray_train/realign/`` (Ray Train's checkpoints; ``output.storage_path``/``realign/`` instead when
 set: shared storage for multi-node clusters). Running the same config again resumes from the
@@ -20,14 +20,9 @@ import shutil
 from pathlib import Path
 
 from trace_ray.config import ConfigError, from_dict, to_dict
-from trace_ray.train.config import RunConfig, retain_has_loss
+from trace_ray.train.config import RunConfig, used_categories
 
 REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected", "category")
-
-
-def used_categories(cfg: RunConfig) -> list[str]:
-    """Rows that carry a loss under ``cfg`` (retain only when the KL anchor or the retain NLL is on)."""
-    return ["invert", "punish"] + (["retain"] if retain_has_loss(cfg.loss.alpha_kl, cfg.loss.retain_nll) else [])
 
 
 def as_run_config(config) -> RunConfig:
@@ -62,14 +57,19 @@ def check_inputs(cfg: RunConfig) -> dict:
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise ConfigError(f"data.triaged: {p} lacks column(s) {missing}; is it the output of `trace-ray triage`?")
-    cats = read_triaged(p, columns=["category"]).column("category").to_pylist()
+    t = read_triaged(p, columns=["id", "category"])
     if cfg.data.limit:
-        cats = cats[: cfg.data.limit]
+        t = t.slice(0, cfg.data.limit)
+    cats, ids = t.column("category").to_pylist(), t.column("id").to_pylist()
     counts = {c: 0 for c in ("invert", "punish", "retain", "unresolved")}
     for c in cats:
         counts[c if c in counts else "unresolved"] += 1
     used = used_categories(cfg)
     n_used = sum(counts[c] for c in used)
+    # Rows sharing an id are kept apart (weights are keyed by row position), but say so: it
+    # usually means duplicated source rows or a source id column that is not unique.
+    used_ids = [i for i, c in zip(ids, cats) if c in used]
+    duplicates = len(used_ids) - len(set(used_ids))
     if counts["invert"] + counts["punish"] == 0:
         raise ConfigError(f"data.triaged: {p} has no invert or punish rows: nothing to re-align (counts {counts})")
     if cfg.reference.mode == "precomputed" and "ref_chosen_logps" in schema.names:
@@ -105,7 +105,7 @@ def check_inputs(cfg: RunConfig) -> dict:
             raise ConfigError(f"corrected.policy: {cfg.corrected.policy} does not exist")
         if not cfg.corrected.policy:
             raise ConfigError("corrected.policy: required when corrected.enabled (y_c must be checked compliant)")
-    return {"counts": counts, "rows": n_used}
+    return {"counts": counts, "rows": n_used, "duplicate_ids": duplicates}
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -147,11 +147,15 @@ def has_checkpoints(storage_path: str) -> bool:
 
 
 def make_plan(cfg: RunConfig, n_rows: int, world: int, out_dir: Path) -> dict:
-    """Steps per epoch (same on every worker: the largest shard decides) and total steps."""
+    """Steps per epoch (same on every worker: the largest shard decides), total steps, and where
+    each of the ``world`` shards starts in the training rows (``offsets``)."""
+    from trace_ray.train.data import balanced_bounds
+
     per_worker = math.ceil(n_rows / world)
     spe = max(1, math.ceil(per_worker / (cfg.train.batch_size * cfg.train.grad_accum)))
     total = cfg.train.max_steps or spe * cfg.train.epochs  # max_steps overrides epochs
-    return {"steps_per_epoch": spe, "total_steps": total, "n_rows": n_rows, "world": world, "out_dir": str(out_dir)}
+    return {"steps_per_epoch": spe, "total_steps": total, "n_rows": n_rows, "world": world, "out_dir": str(out_dir),
+            "offsets": [0] + balanced_bounds(n_rows, world)}
 
 
 def gold_records(cfg: RunConfig) -> list[dict]:
@@ -193,6 +197,7 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
     """
     cfg = as_run_config(config)
     info = check_inputs(cfg)  # before Ray or any worker starts
+    warn_duplicates(info)
     cfg = resolve_paths(cfg)
     _start_env()
     import os
@@ -229,13 +234,15 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
         train_loop_config={"run": to_dict(cfg), "plan": plan},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.backend.timeout_s),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=world, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.backend.cpus_per_worker}
+            num_workers=world if (cfg.backend.min_workers or world) == world else (cfg.backend.min_workers, world),
+            use_gpu=use_gpu, resources_per_worker={"CPU": cfg.backend.cpus_per_worker},
+            placement_strategy=cfg.backend.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name="realign",
             storage_path=ckpt_storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.backend.max_failures),
             worker_runtime_env={"env_vars": env_vars} if env_vars else None,
         ),
         datasets=datasets,
@@ -249,13 +256,23 @@ def realign(config, *, fail_at_step: int | None = None) -> dict:
         raise RuntimeError("realign: Ray Train finished without a final checkpoint")
     with result.checkpoint.as_directory() as d:
         outputs = collect_outputs(Path(d), out)
+        resumed = json.loads((Path(d) / "trainer_state.json").read_text()).get("resumed_from", [])
     summary = {
         "output_dir": str(out), **outputs, "counts": info["counts"], "rows_trained": n,
-        "steps": plan["total_steps"], "workers": world, "backend": cfg.backend.kind,
-        "final_metrics": _last_metrics(out),
+        "duplicate_ids": info["duplicate_ids"], "steps": plan["total_steps"], "workers": world,
+        "backend": cfg.backend.kind, "resumed_from": resumed, "final_metrics": _last_metrics(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def warn_duplicates(info: dict) -> None:
+    if info.get("duplicate_ids"):
+        import warnings
+
+        warnings.warn(f"data.triaged: {info['duplicate_ids']} training row(s) share an id with another row; each row "
+                      "keeps its own impact weight (weights.parquet has a `row` column), but check the source for "
+                      "duplicated rows or a non-unique id column", stacklevel=2)
 
 
 def _entry(config: dict) -> None:
@@ -266,7 +283,7 @@ def _entry(config: dict) -> None:
 
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUME_FREE = ("logging", "output", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "backend.timeout_s")
+               "backend.timeout_s", "backend.max_failures", "backend.min_workers", "backend.placement_strategy")
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -329,14 +346,16 @@ def collect_outputs(ckpt: Path, out: Path) -> dict:
     if (ckpt / "metrics.jsonl").exists():
         shutil.copyfile(ckpt / "metrics.jsonl", out / "metrics.jsonl")
     found["metrics"] = str(out / "metrics.jsonl")
-    weights = {}
-    for f in sorted(ckpt.glob("weights_rank*.json")):
-        weights.update(json.loads(f.read_text()))
+    from trace_ray.train.save import load_weights
+
+    weights = load_weights(ckpt)
     if weights:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"id": list(weights), "weight": list(weights.values())}), out / "weights.parquet")
+        rows = sorted(weights)
+        pq.write_table(pa.table({"row": rows, "id": [weights[r][0] for r in rows], "weight": [weights[r][1] for r in rows]}),
+                       out / "weights.parquet")
         found["weights"] = str(out / "weights.parquet")
     return found
 

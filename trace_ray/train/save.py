@@ -1,8 +1,11 @@
 """Checkpoints (resume) and the final model folder.
 
 Checkpoint folder (one per reported step; every rank adds its own files, Ray Train merges them):
-``trainer_state.json`` (rank 0: step, metrics so far), ``weights_rank{r}.json`` (each rank: the
-impact weights of its shard, so a resumed run never rescoring at a moved θ), and either
+``trainer_state.json`` (rank 0: step, metrics so far, the steps the run resumed from),
+``weights_rank{r}.json`` (each rank: ``{row: [id, weight]}`` for the preference rows it holds, keyed
+by the row's position in the training rows, so a resumed run never re-scores at a moved θ and a
+resumed run with fewer workers finds every row's weight in the union of the files),
+``rng_rank{r}.pt`` (torch CPU and CUDA, Python ``random`` and NumPy generator states), and either
 ``trainable.pt`` + ``optimizer.pt`` + ``scheduler.pt`` (ddp backend, rank 0) or DeepSpeed's own
 ``ds/`` checkpoint (every rank its optimiser shard).
 
@@ -22,13 +25,43 @@ DS_TAG = "ds"
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+    """Every generator a step can draw from: torch (CPU, and each CUDA device), Python, NumPy."""
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(d: Path) -> dict:
+    """``{row: (id, weight)}`` from every rank's ``weights_rank*.json`` in checkpoint ``d``."""
+    out = {}
+    for f in sorted(d.glob("weights_rank*.json")):
+        out.update({int(k): tuple(v) for k, v in json.loads(f.read_text()).items()})
+    return out
 
 
 def save_checkpoint(d: Path, *, rank: int, state: dict, weights: dict, model, optimizer, scheduler, engine=None):
     """Write this rank's share of a checkpoint into ``d``. Collective when ``engine`` is DeepSpeed."""
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"weights_rank{rank}.json").write_text(json.dumps(weights))
+    (d / f"weights_rank{rank}.json").write_text(json.dumps({str(k): list(v) for k, v in weights.items()}))
     if engine is not None:
         engine.save_checkpoint(str(d), tag=DS_TAG)
     elif rank == 0:
@@ -41,11 +74,9 @@ def save_checkpoint(d: Path, *, rank: int, state: dict, weights: dict, model, op
         (d / "trainer_state.json").write_text(json.dumps(state, default=float))
 
 
-def load_checkpoint(d: Path, *, rank: int, model, optimizer, scheduler, engine=None) -> tuple[dict, dict]:
-    """Restore model/optimiser/schedule from ``d``; returns ``(trainer_state, weights)``."""
+def load_checkpoint(d: Path, *, rank: int, model, optimizer, scheduler, engine=None) -> dict:
+    """Restore model/optimiser/schedule/RNG from ``d``; returns the trainer state."""
     state = json.loads((d / "trainer_state.json").read_text())
-    wfile = d / f"weights_rank{rank}.json"
-    weights = json.loads(wfile.read_text()) if wfile.exists() else {}
     if engine is not None:
         engine.load_checkpoint(str(d), tag=DS_TAG)
     else:
@@ -57,9 +88,9 @@ def load_checkpoint(d: Path, *, rank: int, model, optimizer, scheduler, engine=N
         optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu"))
         scheduler.load_state_dict(torch.load(d / "scheduler.pt", map_location="cpu"))
     rf = d / f"rng_rank{rank}.pt"
-    if rf.exists():
-        torch.set_rng_state(torch.load(rf)["torch"])
-    return state, weights
+    if rf.exists():  # a rank that did not exist before (more workers now) keeps its fresh seed
+        set_rng_state(torch.load(rf, weights_only=False))
+    return state
 
 
 def consolidated_state_dict(engine) -> dict | None:

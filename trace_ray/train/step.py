@@ -6,9 +6,10 @@ A micro-batch holds rows of every category together. The forward is split by wha
 
 - preference rows (invert, punish): ``prompt+chosen``, ``prompt+rejected`` (and ``prompt+y_c``
   for punish rows with a correction) in ONE padded forward, label log-probs only (no full-vocab
-  log-softmax: ``trace_ray.logprobs.forward_logps``);
-- retain rows: ``prompt+chosen`` only, with logits, for the token-level forward KL to the
-  reference (their rejected response carries no loss, so it is never run).
+  log-softmax: ``trace_ray.logprobs.sequence_logps``);
+- retain rows: ``prompt+chosen`` only, for the token-level forward KL to the reference, computed
+  from hidden states a chunk of positions at a time (``trace_ray.logprobs.kl_and_logps``: the
+  ``[R, T, V]`` logits are never held); their rejected response carries no loss and is never run.
 
 The reference comes from precomputed columns (``ref_chosen_logps`` …), the base with the LoRA
 adapter disabled, or a frozen copy. Losses come from ``trace_ray.losses.trace_loss`` with
@@ -34,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from trace_ray import losses as L
-from trace_ray.logprobs import encode_pairs, forward_logps, logits_mask, response_lengths, select_rows
+from trace_ray.logprobs import encode_pairs, kl_and_logps, reference_view, response_lengths, select_rows, sequence_logps
 from trace_ray.train.config import retain_has_loss
 
 PREF_CATEGORIES = ("invert", "punish")
@@ -139,21 +140,17 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def reference_model(model, ref_model, mode: str):
+    """The frozen copy when the reference needs one (``frozen_copy``, or ``precomputed`` on a full
+    fine-tune with the KL on), else None: the base with the adapter disabled."""
+    return ref_model if mode == "frozen_copy" or (mode == "precomputed" and ref_model is not None) else None
+
+
 @torch.no_grad()
-def _reference_forward(model, ref_model, batch, mode: str, with_logits: bool):
-    """Reference log-probs (and logits) from the adapter-disabled base or the frozen copy."""
-    if mode == "frozen_copy" or (mode == "precomputed" and ref_model is not None):
-        return forward_logps(ref_model, batch, return_logits=with_logits)
-    base = _unwrap(model)
-    if not hasattr(base, "disable_adapter"):
-        raise ValueError("the reference needs a LoRA model (adapter_disabled) or a frozen copy")
-    was = base.training
-    base.eval()
-    try:
-        with base.disable_adapter():
-            return forward_logps(base, batch, return_logits=with_logits)
-    finally:
-        base.train(was)
+def _reference_logps(model, ref_model, batch, mode: str) -> torch.Tensor:
+    """Reference log-probs from the adapter-disabled base or the frozen copy."""
+    with reference_view(_unwrap(model), reference_model(model, ref_model, mode)) as ref:
+        return sequence_logps(ref, batch)
 
 
 def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> tuple[torch.Tensor, dict]:
@@ -171,11 +168,11 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
     enc = batch["pref"]
     if enc is not None:
         P = batch["pref_cat"].shape[0]
-        pol, _ = forward_logps(net, enc)
+        pol = sequence_logps(net, enc)
         if batch["pref_ref"] is not None:
             ref = batch["pref_ref"].to(device)
         else:
-            ref, _ = _reference_forward(model, ref_model, enc, settings.reference_mode, False)
+            ref = _reference_logps(model, ref_model, enc, settings.reference_mode)
         cat = batch["pref_cat"].to(device)
         w = batch["pref_w"].to(device)
         lens = response_lengths(enc).to(device)
@@ -222,11 +219,12 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
         )
     kl_enc = batch["kl"]
     if kl_enc is not None:
-        pol_lp, pol_logits = forward_logps(net, kl_enc, return_logits=True)
-        cat = batch["kl_cat"].to(device) if batch.get("kl_cat") is not None else torch.full((pol_lp.shape[0],), L.RETAIN, dtype=torch.long, device=device)
         if settings.alpha_kl > 0:
-            _, ref_logits = _reference_forward(model, ref_model, kl_enc, settings.reference_mode, True)
-            kl = L.forward_kl(ref_logits, pol_logits, logits_mask(kl_enc["loss_mask"].to(device)))
+            kl, pol_lp = kl_and_logps(net, kl_enc, reference_model(model, ref_model, settings.reference_mode))
+        else:
+            kl, pol_lp = None, sequence_logps(net, kl_enc)
+        cat = batch["kl_cat"].to(device) if batch.get("kl_cat") is not None else torch.full((pol_lp.shape[0],), L.RETAIN, dtype=torch.long, device=device)
+        if kl is not None:
             z = torch.zeros_like(kl)
             kl_total, parts = L.trace_loss(
                 cat, z, z, z, z, None, kl, beta=settings.beta, alpha_kl=settings.alpha_kl, reduction="sum"
@@ -241,6 +239,17 @@ def compute_loss(model, batch: dict, settings: StepSettings, ref_model=None) -> 
             stats["L_retain_nll_sum"] = float(rnll.detach())
     stats["loss_sum"] = float(total.detach()) * B
     return total, stats
+
+
+def autocast_context(cfg, device, deepspeed: bool = False):
+    """``train.mixed_precision: bf16`` without DeepSpeed: the forward (and so the backward) in bf16
+    under ``torch.autocast``, parameters, gradients and optimiser states stay fp32. DeepSpeed runs
+    its own bf16 mode instead; "no": nothing."""
+    import contextlib
+
+    if cfg.train.mixed_precision != "bf16" or deepspeed:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 STAT_MAX = ("w_max",)

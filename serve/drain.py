@@ -1,0 +1,37 @@
+"""Graceful shutdown at the front door: requests in flight are counted, and once the replica is
+draining every new request (``/healthz`` included, so load balancers stop sending) gets a 503
+with ``Retry-After`` while those in flight run to their end.
+
+A pure ASGI middleware, so a streamed answer counts until its last byte is sent. The counters
+live on the serving app's ``state`` (``Gateway.drain`` / ``Gateway.inflight`` read the same object;
+a module global would not do: Serve ships the middleware class to the replica by value).
+``serve/runner.py`` calls ``Gateway.drain`` and polls ``Gateway.inflight`` on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+
+_BODY = json.dumps({"error": {"message": "the server is shutting down; retry shortly (another replica may answer)",
+                              "type": "service_unavailable", "param": None, "code": 503}}).encode()
+
+
+class Drain:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        st = scope["app"].state
+        if getattr(st, "draining", False):
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"connection", b"close"), (b"content-length", str(len(_BODY)).encode())]})
+            await send({"type": "http.response.body", "body": _BODY})
+            return
+        st.inflight = getattr(st, "inflight", 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            st.inflight -= 1
