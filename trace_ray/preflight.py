@@ -58,8 +58,8 @@ def check_resolvable(records, columns: list[str], policy, fmt: str, *, sample: i
                      share: float = STOP_SHARE) -> dict:
     """Raise ``MostlyUnresolved`` when one reason leaves ``share`` of the first ``sample`` records
     unresolved; else return ``{"rows": n, "unresolved": {kind: count}}``."""
-    from trace_ray.triage import triage_records
     from trace_ray.triage_output import reason_kind
+    from trace_ray.triage_rows import triage_records
 
     rows = list(islice(records, sample))
     if not rows:
