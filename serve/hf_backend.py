@@ -38,6 +38,17 @@ log = logging.getLogger("ray.serve")
 GREEDY_BELOW = 0.01  # temperatures under this decode greedily (dividing logits by ~0 overflows)
 
 
+
+def peft_name(name: str) -> str:
+    """The name an adapter has inside peft: a served name may hold dots (``trace_lr0.002``, a
+    version ``policy-v1.2``), a torch module name may not, so each dot becomes ``_`` and a short
+    hash of the served name keeps two such names apart."""
+    if "." not in name:
+        return name
+    import hashlib
+
+    return name.replace(".", "_") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
 class HFGenerator:
     """One replica: the base model, every LoRA adapter loaded beside it (peft), one tokenizer.
 
@@ -77,16 +88,16 @@ class HFGenerator:
 
         with self._lock:
             for name in [n for n in self.loaded if n not in wanted or wanted[n]["sig"] != self.loaded[n]]:
-                self.model.delete_adapter(name)
+                self.model.delete_adapter(peft_name(name))
                 del self.loaded[name]
             for name, spec in wanted.items():
                 if name in self.loaded:
                     continue
                 try:
                     if isinstance(self.model, PeftModel):
-                        self.model.load_adapter(spec["path"], adapter_name=name)
+                        self.model.load_adapter(spec["path"], adapter_name=peft_name(name))
                     else:
-                        self.model = PeftModel.from_pretrained(self.model, spec["path"], adapter_name=name)
+                        self.model = PeftModel.from_pretrained(self.model, spec["path"], adapter_name=peft_name(name))
                 except Exception:  # a broken folder: its requests get "no longer served", the rest go on
                     log.exception("adapter %s (%s) could not be loaded", name, spec["path"])
                     continue
@@ -100,7 +111,7 @@ class HFGenerator:
             return self.model.disable_adapter()
         if adapter not in self.loaded:  # removed by a reload while the request waited
             raise KeyError(adapter)
-        self.model.set_adapter(adapter)
+        self.model.set_adapter(peft_name(adapter))
         return contextlib.nullcontext()
 
     def _lm(self):

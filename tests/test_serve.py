@@ -221,6 +221,22 @@ def test_adapter_is_selectable_by_model_name(server):
     assert got == {"tiny": base, "tiny:policy-v2": v2, "policy-v2": v2, "tiny:v3": v3}
 
 
+def test_adapter_names_may_hold_dots(server):
+    # A served name like "trace_lr0.002" or "policy-v1.2" is not a valid torch module name; each
+    # adapter must still load under its own name and give its own answers.
+    from serve.hf_backend import HFGenerator
+
+    gen = HFGenerator(str(server["base"]), {"policy-v1.2": str(server["v2"]), "policy-v1_2": str(server["v3"])})
+    assert set(gen.loaded) == {"policy-v1.2", "policy-v1_2"}
+    got = {}
+    for name in (None, "policy-v1.2", "policy-v1_2"):
+        (res,) = gen._run_batch([{"model": name, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}])
+        got[name] = res["choices"][0]["text"]
+    assert got == {None: _local_greedy(server["base"], None, messages=MESSAGES)[0],
+                   "policy-v1.2": _local_greedy(server["base"], server["v2"], messages=MESSAGES)[0],
+                   "policy-v1_2": _local_greedy(server["base"], server["v3"], messages=MESSAGES)[0]}
+
+
 def test_sampling_n_choices(server):
     r = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "n": 3, "temperature": 1.0})
     assert r.status_code == 200

@@ -140,7 +140,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from trace_ray.ray_utils import ensure_ray
 
     ensure_ray()
-    import ray
 
     summary = run_triage(paths["train"], policy, out / "triage")
     triaged = str(out / "triage" / "triaged.parquet")
@@ -172,50 +171,18 @@ def run_demo(cfg: DemoConfig) -> dict:
             "ref_summary": ref_summary, "num_samples": cfg.num_samples, "stride": cfg.eval_stride, "temperature": cfg.temperature,
         }
 
-    task = ray.remote(num_cpus=1)(run_one)
-
-    def run_jobs(jobs, desc):
-        pending = {}
-        results = []
-        queue = list(jobs)
-        bar = tqdm(total=len(jobs), desc=desc, unit="run")
-        while queue or pending:
-            while queue and len(pending) < cfg.parallel:
-                j = queue.pop(0)
-                pending[task.remote(j)] = j
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                j = pending.pop(ref)
-                r = ray.get(ref)
-                results.append(r)
-                bar.set_postfix_str(f"{j['method']} lr={j['lr']:g} s={j['seed']} ({r['total_s']:.0f} s)")
-                bar.update(1)
-        bar.close()
-        return results
+    from trace_ray.sweep import method_runs, pick_learning_rates, run_jobs
 
     # 1. learning rate per method on the validation split (first seed); test metrics are computed
     #    in the same run but only used for the picked lr.
     seed0 = cfg.seeds[0]
-    search = run_jobs([job(m, lr, seed0, ["val", "test"]) for m in cfg.methods for lr in cfg.lrs],
-                      "lr search (val)" if len(cfg.lrs) > 1 else "runs")
-    picked, lr_search = {}, {}
-    for m in cfg.methods:
-        cands = [r for r in search if r["method"] == m]
-        lr_search[m] = {str(r["lr"]): val_score(r["metrics"]["val"]) for r in cands}
-        picked[m] = max(cands, key=lambda r: (val_score(r["metrics"]["val"]), -r["lr"]))
+    search = run_jobs(run_one, [job(m, lr, seed0, ["val", "test"]) for m in cfg.methods for lr in cfg.lrs],
+                      cfg.parallel, "lr search (val)" if len(cfg.lrs) > 1 else "runs")
+    picked, lr_search = pick_learning_rates(search, lambda r: val_score(r["metrics"]["val"]))
     # 2. the other seeds at the picked lr
-    rest = run_jobs([job(m, picked[m]["lr"], s, ["test"]) for m in cfg.methods for s in cfg.seeds[1:]], "seeds (test)") \
-        if len(cfg.seeds) > 1 else []
-
-    methods = {}
-    for m in cfg.methods:
-        runs = [picked[m]] + [r for r in rest if r["method"] == m]
-        runs.sort(key=lambda r: r["seed"])
-        methods[m] = {
-            "lr": picked[m]["lr"], "lr_search": lr_search[m], "sample": picked[m].get("sample"),
-            "runs": [{"seed": r["seed"], "lr": r["lr"], "metrics": r["metrics"]["test"], "curves": r["curves"],
-                      "weights": r["weights"], "train_s": r["train_s"]} for r in runs],
-        }
+    rest = run_jobs(run_one, [job(m, picked[m]["lr"], s, ["test"]) for m in cfg.methods for s in cfg.seeds[1:]],
+                    cfg.parallel, "seeds (test)") if len(cfg.seeds) > 1 else []
+    methods = method_runs(cfg.methods, picked, lr_search, [picked[m] for m in cfg.methods] + rest, "test")
     results = {
         "title": "trace-ray demo: SynthShift" + (" (quick)" if cfg.quick else ""),
         "config": {"demo": asdict(cfg), "reference_recipe": asdict(recipe), "world": asdict(world_cfg),

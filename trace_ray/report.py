@@ -130,22 +130,34 @@ def plot_losses(results: dict, path: Path) -> Path | None:
     return path
 
 
+TRADEOFF_X = {  # the damage each kind of evaluation measures: SynthShift's collateral, real data's over-refusal
+    "collateral": ("collateral damage (unshifted topics) ↓", "Target-policy agreement vs collateral damage"),
+    "over_refusal": ("over-refusal vs the reference (retain prompts) ↓", "Target-policy agreement vs over-refusal"),
+}
+
+
+def tradeoff_key(results: dict) -> str | None:
+    return next((k for k in TRADEOFF_X if any(k in m.get("mean", {}) for m in results["methods"].values())), None)
+
+
 def plot_tradeoff(results: dict, path: Path) -> Path | None:
-    pts = {n: m for n, m in results["methods"].items() if "tpa_sampled" in m.get("mean", {}) and "collateral" in m["mean"]}
+    """Sampled TPA against the damage the evaluation measures (``TRADEOFF_X``), one point per method."""
+    key = tradeoff_key(results)
+    pts = {n: m for n, m in results["methods"].items() if "tpa_sampled" in m.get("mean", {}) and key in m["mean"]}
     if not pts:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, m in pts.items():
-        ax.errorbar(m["mean"]["collateral"], m["mean"]["tpa_sampled"], xerr=m["std"].get("collateral", 0),
+        ax.errorbar(m["mean"][key], m["mean"]["tpa_sampled"], xerr=m["std"].get(key, 0),
                     yerr=m["std"].get("tpa_sampled", 0), fmt="o", capsize=3, label=name)
     ref = results.get("reference")
     if ref and "tpa_sampled" in ref:
         ax.plot([0], [ref["tpa_sampled"]], "k*", label="reference")
-    ax.set_xlabel("collateral damage (unshifted topics) ↓")
-    ax.set_ylabel("TPA sampled (shifted topics) ↑")
+    ax.set_xlabel(TRADEOFF_X[key][0])
+    ax.set_ylabel("TPA sampled ↑")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Target-policy agreement vs collateral damage")
+    ax.set_title(TRADEOFF_X[key][1])
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -163,7 +175,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         "triage": plot_triage(results, out / "triage.png"),
         "weights": plot_weights(results, out / "weights.png"),
         "losses": plot_losses(results, out / "losses.png"),
-        "tradeoff": plot_tradeoff(results, out / "tpa_vs_collateral.png"),
+        "tradeoff": plot_tradeoff(results, out / f"tpa_vs_{tradeoff_key(results) or 'collateral'}.png"),
     }
     if results.get("run"):
         from trace_ray.report_run import run_plots
@@ -180,6 +192,28 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
 
 DEMO_NOTE = ("Metrics on held-out test prompts (unseen objects and phrasings); mean ± std over seeds; "
              "learning rate picked per method on the validation split.")
+
+
+def side_by_side_html(rows: list[dict]) -> str:
+    """Held-out prompts with the reference's and each method's greedy answer (and the oracle's
+    verdict) side by side: ``[{"prompt", "set", "answers": {name: {"text", "verdict", "refusal"}}}]``."""
+    if not rows:
+        return ""
+    from trace_ray.chat import last_user_turn
+
+    e = html.escape
+    names = list(dict.fromkeys(n for r in rows for n in r["answers"]))
+    head = "".join(f"<th>{e(n)}</th>" for n in names)
+    body = []
+    for r in rows:
+        cells = []
+        for n in names:
+            a = r["answers"].get(n)
+            cells.append(f"<td><code>{e(a['text'])}</code><br><i>{e(a['verdict'])}{', refusal' if a.get('refusal') else ''}</i></td>"
+                         if a else "<td>–</td>")
+        body.append(f"<tr><td>{e(r.get('set', ''))}</td><td>{e(last_user_turn(r['prompt']))}</td>{''.join(cells)}</tr>")
+    return ("<h2>Answers side by side on held-out prompts (greedy, first seed)</h2><table><tr><th>set</th><th>prompt</th>"
+            f"{head}</tr>{''.join(body)}</table>")
 
 
 def render_html(results: dict) -> str:
@@ -223,6 +257,7 @@ def render_html(results: dict) -> str:
                       if per_topic else "")
     samples_html = ("<h2>One generation per method on a shifted prompt</h2><table><tr><th>method</th><th>prompt</th>"
                     f"<th>greedy</th><th>sampled</th></tr>{''.join(samples)}</table>" if samples else "")
+    samples_html += side_by_side_html(results.get("side_by_side") or [])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(results.get('title', 'trace-ray report'))}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}figure{{display:inline-block;margin:6px}}code{{font-size:12px}}</style></head><body>

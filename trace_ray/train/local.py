@@ -20,7 +20,7 @@ def train_local(config, *, records: list[dict] | None = None, progress: bool | N
 
     ``records``: rows to train on, already prepared (else read from ``data.triaged`` with the
     same filters and passes as ``realign``). Returns ``{"model", "tokenizer", "metrics" (list of
-    per-step dicts), "weights" ({id: w}), "outputs" (paths), "output_dir"}``; the model is the
+    per-step dicts), "weights" ({row: (id, w)}), "outputs" (paths), "output_dir"}``; the model is the
     trained (peft) model in memory.
     """
     from trace_ray.train.data import prepare_records
