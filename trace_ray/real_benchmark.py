@@ -52,6 +52,7 @@ class EvalSettings:
     max_length: int = 192
     dtype: str = "bfloat16"
     num_examples: int = 8  # greedy answers kept per set (the report's side-by-side samples)
+    limit: int | None = None  # rows read from the split (utility and preference accuracy use them all)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class RealBenchConfig:
         for name in ("data", "policy"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: required field is missing")
+        if not Path(self.policy).exists():
+            raise ConfigError(f"policy: file {self.policy} does not exist (a policy YAML, e.g. configs/policies/hh_voice_brevity.yaml)")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(f"methods: unknown {bad[0]!r}; valid: {', '.join(METHODS)}")
@@ -103,7 +106,7 @@ def quick_overrides() -> list[str]:
             "realign.train.batch_size=4", "realign.data.limit=24", "realign.impact.gold_size=4",
             "realign.data.max_length=96", "samples=2",
             *[f"{s}.{k}" for s in ("validation_eval", "heldout_eval")
-              for k in ("max_prompts=2", "num_samples=1", "max_new_tokens=8", "max_length=96")]]
+              for k in ("max_prompts=2", "num_samples=1", "max_new_tokens=8", "max_length=96", "limit=24")]]
 
 
 def val_score(m: dict) -> float:
@@ -240,20 +243,24 @@ def run_benchmark(cfg: RealBenchConfig, out: str | Path, *, quick: bool = False,
                 "train": train, "carry": carry or {}, "data": splits, "eval": evals, "policy": str(Path(cfg.policy).resolve()),
                 "reference_answers": answers}
 
-    # 3. learning rate per method on the validation split (first seed)
+    # 3. learning rate per method on the validation split (first seed). With one rate there is
+    #    nothing to pick: the search run is evaluated on the held-out split too (no reload).
     t = time.time()
     seed0 = cfg.seeds[0]
-    search = run_jobs(run_one, [job(m, lr, seed0, ["validation"]) for m in cfg.methods for lr in cfg.lrs],
-                      cfg.parallel, "lr search (validation)")
+    one_lr = len(cfg.lrs) == 1
+    search = run_jobs(run_one, [job(m, lr, seed0, ["validation"] + ["heldout"] * one_lr)
+                                for m in cfg.methods for lr in cfg.lrs], cfg.parallel, "lr search (validation)")
     picked, lr_search = pick_learning_rates(search, lambda r: val_score(r["metrics"]["validation"]))
     mark("learning-rate search", t)
 
     # 4. every seed at the picked lr on the held-out split (the first seed's adapter is reused)
     t = time.time()
     final_jobs = [job(m, picked[m]["lr"], s, ["heldout"]) for m in cfg.methods for s in cfg.seeds[1:]]
-    final_jobs += [job(m, picked[m]["lr"], seed0, ["heldout"], train=False,
-                       carry={k: picked[m][k] for k in ("curves", "weights", "train_s")}) for m in cfg.methods]
-    finals = run_jobs(run_one, final_jobs, cfg.parallel, "seeds (held-out)")
+    if not one_lr:
+        final_jobs += [job(m, picked[m]["lr"], seed0, ["heldout"], train=False,
+                           carry={k: picked[m][k] for k in ("curves", "weights", "train_s")}) for m in cfg.methods]
+    finals = run_jobs(run_one, final_jobs, cfg.parallel, "seeds (held-out)") if final_jobs else []
+    finals += [picked[m] for m in cfg.methods] if one_lr else []
     mark("held-out runs", t)
     for r in finals:
         r["sample"] = None
@@ -267,7 +274,7 @@ def run_benchmark(cfg: RealBenchConfig, out: str | Path, *, quick: bool = False,
         mark("serve check", t)
 
     reference = dict(ref_metrics["heldout"])
-    reference.update(over_refusal=0.0, kl_to_ref=0.0)
+    reference.update(over_refusal=0.0, kl_to_ref=0.0, **violation_share(ref_metrics["heldout"]))
     results = {
         "title": f"trace-ray real benchmark: {cfg.name}" + (" (quick)" if quick else ""),
         "note": ("Held-out prompts (never trained on, never used to pick a learning rate); mean ± std over seeds; "
@@ -282,7 +289,7 @@ def run_benchmark(cfg: RealBenchConfig, out: str | Path, *, quick: bool = False,
             m: {str(r["lr"]): _headline(r["metrics"]["validation"]) for r in search if r["method"] == m} for m in cfg.methods}},
         "side_by_side": side_by_side(ref_metrics["heldout"], finals, cfg.methods, seed0, cfg.samples),
         "serve_check": serve,
-        "timing": {"stages_s": timings, "runs": [_run_timing(r) for r in search + finals]},
+        "timing": {"stages_s": timings, "runs": [_run_timing(r) for r in search + (finals if not one_lr else finals[:-len(cfg.methods)])]},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": loads},
     }
     results["runtime_s"] = round(time.time() - t_start, 1)
@@ -307,6 +314,19 @@ HEADLINE = ("tpa_sampled", "tpa_greedy", "over_refusal", "refusal_rate", "utilit
 
 def _headline(m: dict) -> dict:
     return {k: m.get(k) for k in HEADLINE} | {"score": val_score(m)}
+
+
+def violation_share(m: dict) -> dict:
+    """The share of a model's answers on every evaluated prompt (conflict and retain) that break
+    the policy: ``violation_greedy`` / ``violation_sampled`` (what there is to re-align)."""
+    tpa = m.get("tpa") or {}
+    n_c, n_r = tpa.get("prompts") or 0, (m.get("refusal") or {}).get("prompts") or 0
+    out = {}
+    for k in ("greedy", "sampled"):
+        c, r = tpa.get(k), (tpa.get("on_retain_prompts") or {}).get(k)
+        out[f"violation_{k}"] = (1 - ((c or 0) * n_c + (r or 0) * n_r) / (n_c + n_r)
+                                 if n_c + n_r and c is not None and (r is not None or not n_r) else None)
+    return out
 
 
 def _run_timing(r: dict) -> dict:
