@@ -2,7 +2,9 @@
 
 Kinds, by content: a policy (``rules``) → ``trace_ray.policy.load_policy``; a run config
 (``model`` + ``output``/``data``) → ``RunConfig``; a pipeline config (``stages``/``realign``) →
-``trace_ray.pipeline.PipelineConfig`` with its ``realign`` section checked as a ``RunConfig``.
+``trace_ray.pipeline.PipelineConfig`` with its ``realign`` section checked as a ``RunConfig``; a
+real-model benchmark config (``methods`` + ``lrs``) → ``trace_ray.real_benchmark`` with its
+``realign`` section checked as a ``RunConfig`` for every compared method.
 A kind whose loader is not importable is skipped with its reason; a file of no known kind fails.
 Every run config must start with a comment giving the command that runs it.
 """
@@ -25,6 +27,8 @@ def kind_of(data) -> str:
         return "unknown"
     if "rules" in data:
         return "policy"
+    if "methods" in data and "lrs" in data:
+        return "benchmark"
     if "stages" in data or "realign" in data:
         return "pipeline"
     if "model" in data and ("output" in data or "data" in data):
@@ -55,6 +59,16 @@ def test_config_loads_and_validates(path: Path):
         assert first.startswith("#"), f"{path}: a run config starts with the command that runs it"
         assert "trace-ray" in path.read_text().split("\n\n")[0] or "train_local" in path.read_text()
         from_dict(RunConfig, data)
+        return
+    if kind == "benchmark":
+        from trace_ray.config import deep_merge
+        from trace_ray.real_benchmark import METHODS, load_bench_config
+
+        cfg = load_bench_config(path)
+        cfg.validate()
+        for method in cfg.methods:
+            from_dict(RunConfig, deep_merge(deep_merge(cfg.realign, METHODS[method]),
+                                            {"data": {"triaged": "x.parquet"}, "output": {"dir": "x"}}))
         return
     PipelineConfig = _need("trace_ray.pipeline", "PipelineConfig")
     from_dict(PipelineConfig, data)
