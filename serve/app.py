@@ -67,7 +67,7 @@ def resolve_state(s: ServeSettings, static=None):
     """The policies and adapters ``s`` names, read now (``serve.state.State``); nothing is started."""
     from pathlib import Path
 
-    from serve.models import REMOTE
+    from serve.state import REMOTE
     from serve.state import resolve
 
     table, backend, judge_spec = static or _static(s)

@@ -12,9 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.state import adapter_folders, default_adapter_name
 from trace_ray.config import ConfigError
-
-REMOTE = ("s3://", "gs://", "abfss://", "azure://")
 
 
 @dataclass
@@ -41,12 +40,6 @@ class ModelTable:
 
 def _is_adapter(folder: str) -> bool:
     return (Path(folder) / "adapter_config.json").exists()
-
-
-def default_adapter_name(folder: str) -> str:
-    """``runs/policy-v2/adapter`` → ``policy-v2`` (the trainer writes ``OUT/adapter``)."""
-    p = Path(folder).resolve()
-    return p.parent.name if p.name == "adapter" else p.name
 
 
 def _base_name(spec: str) -> str:
@@ -90,8 +83,6 @@ def build_model_table(model: str, adapters, served_name: str | None = None) -> M
         if not base_spec:
             raise ConfigError(f"model: {model}/adapter_config.json names no base_model_name_or_path")
         table_adapters[default_adapter_name(model)] = str(model)
-    from serve.state import adapter_folders
-
     for name, folder in adapter_folders(adapters).items():
         if name in table_adapters:
             raise ConfigError(f"adapters.{name}: the name is used twice")

@@ -31,6 +31,7 @@ from pathlib import Path
 from trace_ray.config import ConfigError
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+REMOTE = ("s3://", "gs://", "abfss://", "azure://")  # adapter URIs only the vLLM path can load
 
 
 def split_source(entry: str) -> tuple[str | None, str]:
@@ -96,10 +97,14 @@ def _complete(name: str, folder: Path) -> str:
     return str(folder)
 
 
+def default_adapter_name(folder: str) -> str:
+    """``runs/policy-v2/adapter`` → ``policy-v2`` (the trainer writes ``OUT/adapter``)."""
+    p = Path(folder).resolve()
+    return p.parent.name if p.name == "adapter" else p.name
+
+
 def adapter_folders(sources) -> dict[str, str]:
     """Adapter name → folder (or object-storage URI), in source order."""
-    from serve.models import REMOTE, default_adapter_name
-
     out: dict[str, str] = {}
     for entry in _as_entries(sources):
         name, path = split_source(entry)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from trace_ray.config import ConfigError
 
 from serve import openai_format as oa
-from serve.models import REMOTE
+from serve.state import REMOTE
 from serve.schemas import ClientError, check_generation, validation_message
 
 

@@ -145,7 +145,7 @@ def run_one(job: dict) -> dict:
 
         adapter = str(run_dir / "adapter")
         model, tok = load_model(adapter, dtype=job["eval"]["validation"]["dtype"]), load_tokenizer(adapter)
-        out.update({k: v for k, v in job["carry"].items()})
+        out.update(job["carry"])
     model = getattr(model, "module", model).eval()
     out["metrics"] = {}
     out["eval_s"] = {}
@@ -269,7 +269,8 @@ def run_benchmark(cfg: RealBenchConfig, out: str | Path, *, quick: bool = False,
     serve = None
     if cfg.serve_check:
         t = time.time()
-        serve = _serve_check(out / "runs" / f"{cfg.methods[-1]}_lr{picked[cfg.methods[-1]]['lr']:g}_s{seed0}" / "adapter",
+        shown = "trace" if "trace" in cfg.methods else cfg.methods[0]  # the TRACE adapter when it ran
+        serve = _serve_check(out / "runs" / f"{shown}_lr{picked[shown]['lr']:g}_s{seed0}" / "adapter",
                              cfg.policy, cfg.serve_prompt)
         mark("serve check", t)
 
