@@ -8,7 +8,6 @@ body, never a 500. Models, adapters, policies and which policy guards which mode
 deployment's ``user_config`` (``reconfigure``; ``serve/state.py``), so they change without a restart.
 """
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -91,20 +90,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
                         status_code=exc.status_code)
 
 
-def _client_left(exc: BaseException) -> bool:
-    """The client disconnected mid-answer: Serve cancels the request (nothing is wrong here)."""
-    from ray.exceptions import TaskCancelledError
-
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_client_left(e) for e in exc.exceptions)
-    return isinstance(exc, (TaskCancelledError, asyncio.CancelledError))
-
-
 @app.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception):
-    if _client_left(exc):
-        log.info("client left during %s", request.url.path)
-        return JSONResponse(oa.error_body("client closed the request", "client_closed", 499), status_code=499)
     log.exception("unhandled error on %s", request.url.path)
     return JSONResponse(oa.error_body("internal server error", "server_error", 500), status_code=500)
 
