@@ -160,6 +160,29 @@ def test_evaluate_on_held_out_real_pairs(hh_split, adapter, evaluated, tmp_path)
     assert base["reference"] is None and base["kl_to_ref"] is None and "tpa" not in base
 
 
+def test_lora_model_generates_through_a_merged_copy_with_the_same_answers(adapter):
+    """``_for_generation``: the merged copy's answers are the LoRA model's own (fp32 greedy), and
+    the model keeps its adapter, so its ``disable_adapter`` reference is still the base."""
+    import torch
+
+    from trace_ray.evaluate import generate
+    from trace_ray.evaluate_pairs import _for_generation
+    from trace_ray.models.load import load_model, load_tokenizer
+
+    net, tok = load_model(str(adapter)).eval(), load_tokenizer(str(adapter))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    merged = _for_generation(net)
+    assert not hasattr(merged, "disable_adapter") and merged is not net
+    prompts = ["How do I bake bread?", "Tell me about the weather in spring, please.", "Hi"]
+    kw = dict(do_sample=False, max_new_tokens=12, batch_size=3, by_length=True)
+    assert generate(merged, tok, prompts, **kw) == generate(net, tok, prompts, **kw)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with net.disable_adapter():
+        ref = generate(net, tok, prompts, **kw)
+    assert ref != generate(net, tok, prompts, **kw)  # the random adapter does change the answers
+    assert _for_generation(merged) is merged  # a plain model generates as it is
+
+
 def test_report_of_a_real_run(hh_split, evaluated, tmp_path):
     """A short real training run on conflict rows of the HH training split, then `trace-ray report`:
     the numbers in report.json / report.html are those of the run's own files."""
