@@ -178,6 +178,40 @@ def test_impact_pass_equals_normalize_weights(tiny_tokenizer, tiny_model_dir, tm
     assert got.mean() == pytest.approx(1.0, rel=1e-5)
 
 
+def test_impact_pass_at_reference_runs_no_reference_forward(tiny_model_dir, tmp_path, monkeypatch):
+    """Before the first step (θ = θ_ref) the pass takes the reference log-probs from the passes
+    that score the policy: the same weights as with a reference forward, and none is run."""
+    import trace_ray.impact as impact_mod
+    import trace_ray.logprobs as logprobs_mod
+    from trace_ray.impact import build_gold_batch
+    from trace_ray.train.build import build_model
+    from trace_ray.train.env import LocalEnv
+    from trace_ray.train.passes import impact_pass
+
+    tri = write_triaged(tmp_path / "t.parquet")
+    cfg = from_dict(RunConfig, run_dict(tiny_model_dir, tri, tmp_path / "o", impact={"method": "jvp", "normalize": "mean"}))
+    tok, model, _ = build_model(cfg)
+    recs = [dict(r, _row=i) for i, r in enumerate(rows())]
+    gold = build_gold_batch(triaged_rows(), 6, 0)
+    calls = []
+    original = logprobs_mod.reference_logps
+
+    def counted(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(logprobs_mod, "reference_logps", counted)
+    monkeypatch.setattr(impact_mod, "reference_logps", counted)
+    w = impact_pass(cfg, model, tok, recs, gold, LocalEnv(tmp_path))
+    assert calls  # the general pass runs reference forwards (gold batch and scored rows)
+    calls.clear()
+    fused = impact_pass(cfg, model, tok, recs, gold, LocalEnv(tmp_path), at_reference=True)
+    assert not calls
+    assert fused.keys() == w.keys() and all(fused[k][0] == w[k][0] for k in w)
+    torch.testing.assert_close(torch.tensor([fused[k][1] for k in w]), torch.tensor([w[k][1] for k in w]),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_train_local_learns_saves_and_resumes(tiny_model_dir, tmp_path):
     """Parameters move, the per-category (unweighted) losses go down, the outputs load with
     transformers/peft; a run stopped after a checkpoint and restarted ends where an

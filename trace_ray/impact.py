@@ -96,18 +96,22 @@ def build_gold_batch(records: Sequence[Mapping[str, Any]], size: int, seed: int 
     return out
 
 
-def dpo_objective(beta: float = 0.3) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+def dpo_objective(beta: float = 0.3, at_reference: bool = False) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
     """J = mean DPO loss over a batch of (compliant ≻ other) pairs (the default J).
 
     The batch is an :func:`encode_pairs` dict, optionally with ``ref_logps [2B]`` (else the
     reference is computed: adapter disabled for peft, else the current θ without grad).
+    ``at_reference=True`` (θ is θ_ref, as in :func:`impact_scores`): a batch without ``ref_logps``
+    takes the policy's own log-probs, detached, as the reference — no second forward.
     """
 
     def J(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         ref = batch.get("ref_logps")
-        if ref is None:
+        if ref is None and not at_reference:
             ref = reference_logps(model, batch)
         lp = sequence_logps(model, batch)
+        if ref is None:
+            ref = lp.detach()
         B = lp.shape[0] // 2
         ref = ref.to(lp)
         return dpo_loss(lp[:B], lp[B : 2 * B], ref[:B], ref[B : 2 * B], beta).mean()

@@ -145,7 +145,7 @@ def run_worker(cfg: RunConfig, plan: dict, shards: dict[int, list[dict]], gold: 
         has_ckpt = ckpt is not None
         weights = S.load_weights(ckpt) if has_ckpt else None
     if weights is None:
-        weights = _weights(cfg, model, tok, rows, gold, env, ref_model)
+        weights = _weights(cfg, model, tok, rows, gold, env, ref_model, at_reference=True)
     _attach(rows, weights)
     weights = {r["_row"]: weights[r["_row"]] for r in rows if r["_row"] in weights}  # this worker's share
 
@@ -286,13 +286,15 @@ def _reduce_metrics(acc: dict, env, nominal_rows_per_step: int) -> dict:
     return line
 
 
-def _weights(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None) -> dict:
-    """``{row: (id, weight)}`` for this worker's preference rows (uniform → 1.0)."""
+def _weights(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None,
+             at_reference: bool = False) -> dict:
+    """``{row: (id, weight)}`` for this worker's preference rows (uniform → 1.0); ``at_reference``:
+    before the first update (θ = θ_ref)."""
     if cfg.impact.weights == "uniform":
         return {r["_row"]: (r["id"], 1.0) for r in rows if r["category"] in PREF_CATEGORIES}
     from trace_ray.train.passes import impact_pass
 
-    return impact_pass(cfg, getattr(model, "module", model), tok, rows, gold, env, ref_model)
+    return impact_pass(cfg, getattr(model, "module", model), tok, rows, gold, env, ref_model, at_reference)
 
 
 def _attach(rows: list[dict], weights: dict) -> None:

@@ -51,9 +51,13 @@ class ReferenceLogps:
         return df
 
 
-def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None) -> dict:
+def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], env, ref_model=None,
+                at_reference: bool = False) -> dict:
     """``{row: (id, weight)}`` for this worker's invert/punish rows, keyed by ``row["_row"]`` (the
-    row's position in the training rows; see module docstring)."""
+    row's position in the training rows; see module docstring). ``at_reference``: the model is
+    still θ_ref (the pass before the first step), so the reference log-probs are the policy's own,
+    taken from the passes that score it (``impact_scores(at_reference=True)``) instead of a
+    reference forward of their own; a refresh during training (θ ≠ θ_ref) runs that forward."""
     from trace_ray.impact import dpo_objective, global_gradient, impact_scores
     from trace_ray.logprobs import encode_pairs
     from trace_ray.losses import category_codes
@@ -61,6 +65,7 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
     from trace_ray.train.step import _reference_logps
 
     ic, mode = cfg.impact, cfg.reference.mode
+    fused = at_reference and mode != "precomputed"  # precomputed: the columns are already there
     bs, L = ic.batch_size, cfg.data.max_length
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -74,11 +79,12 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
     batches = []
     for s in range(0, len(mine), bs):
         b = encode_pairs(tok, mine[s : s + bs], L)
-        b["ref_logps"] = ref_of(b)
+        if not fused:
+            b["ref_logps"] = ref_of(b)
         batches.append(b)
     n_local = sum(b["input_ids"].shape[0] // 2 for b in batches)
     if batches:
-        g_local = global_gradient(model, batches, J=dpo_objective(cfg.loss.beta))
+        g_local = global_gradient(model, batches, J=dpo_objective(cfg.loss.beta, at_reference=fused))
     else:
         g_local = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     dev = g_local[0].device
@@ -105,13 +111,14 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
             b["ref_logps"] = torch.tensor(
                 [0.0 if r.get(k) is None or math.isnan(r[k]) else float(r[k]) for k in keys for r in chunk], dtype=torch.float32
             )
-        else:
+        elif not fused:
             b["ref_logps"] = ref_of(b)
         # Punish rows are scored on NPO without 2/β whatever loss.npo_normalize says: a weight must
         # not grow with a constant factor of the loss it multiplies, else 2/β counts twice
         # ((2/β)² ≈ 44 at β = 0.3 against invert rows). docs/method.md, "Punish-row balance".
         scores[s : s + len(chunk)] = impact_scores(
             model, b, g_J, ic.method, beta=cfg.loss.beta, npo_normalize=False, nll_lambda=cfg.loss.nll_anchor,
+            at_reference=fused,
         ).double()
 
     # Global normalisation (= impact.normalize_weights over every worker's scores at once).
