@@ -158,6 +158,14 @@ def test_evaluate_on_held_out_real_pairs(hh_split, adapter, evaluated, tmp_path)
     assert base["utility_nll"] == pytest.approx(m["utility"]["reference_nll_per_token"], rel=1e-5)
     assert base["pref_accuracy"] == pytest.approx(m["preference"]["reference"]["accuracy"])
     assert base["reference"] is None and base["kl_to_ref"] is None and "tpa" not in base
+    # --max-scored: only the first N rows of each set are scored (and said so)
+    few = evaluate_pairs(str(GPT2), str(out / "heldout.parquet"), limit=40, max_length=96, batch_size=16,
+                         show_progress=False, max_scored=2)
+    n_inv = min(2, sum(r["category"] == "invert" for r in rows))
+    assert few["utility"]["rows"] == 2 and few["preference"]["pairs"] == n_inv + 2 < base["preference"]["pairs"]
+    assert few["settings"]["max_scored"] == 2
+    with pytest.raises(ValueError, match="max_scored"):
+        evaluate_pairs(str(GPT2), str(out / "heldout.parquet"), max_scored=0, show_progress=False)
 
 
 def test_lora_model_generates_through_a_merged_copy_with_the_same_answers(adapter):

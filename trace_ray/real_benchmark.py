@@ -52,7 +52,8 @@ class EvalSettings:
     max_length: int = 192
     dtype: str = "bfloat16"
     num_examples: int = 8  # greedy answers kept per set (the report's side-by-side samples)
-    limit: int | None = None  # rows read from the split (utility and preference accuracy use them all)
+    limit: int | None = None  # rows read from the split
+    max_scored: int | None = None  # rows scored per set for utility, KL, preference accuracy (None: all read)
 
 
 @dataclass
@@ -92,6 +93,12 @@ class RealBenchConfig:
             raise ConfigError("holdout, validation: fractions in (0, 1) (the benchmark needs both splits)")
         if self.parallel < 1:
             raise ConfigError(f"parallel: must be >= 1, got {self.parallel}")
+        for split in ("validation_eval", "heldout_eval"):
+            ev = getattr(self, split)
+            for k in ("max_prompts", "num_samples", "max_new_tokens", "batch_size", "max_length", "limit", "max_scored"):
+                v = getattr(ev, k)
+                if v is not None and v < 1:
+                    raise ConfigError(f"{split}.{k}: must be a positive integer, got {v}")
 
 
 def load_bench_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RealBenchConfig:

@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                    help="--data: prompt + response tokens when scoring (the prompt keeps its last tokens; "
                         "default 512)")
     p.add_argument("--limit", type=int, default=None, help="--data: read only the first N rows (default: all)")
+    p.add_argument("--max-scored", type=int, default=None,
+                   help="--data: score at most the first N rows of each set (retain, invert, punish) for utility, "
+                        "KL, preference accuracy and punish delta (default: all)")
     p.add_argument("--in-sample", action="store_true",
                    help="--data: allow the training table (triaged.parquet); the metrics are labelled in_sample")
     p.add_argument("--split", default="test", choices=["test", "val", "train"],
@@ -81,6 +84,7 @@ def run(args) -> int:
         try:
             m = evaluate_pairs(args.model, args.data, None, args.policy, reference=args.reference,
                                in_sample=args.in_sample, limit=args.limit, max_prompts=args.max_prompts,
+                               max_scored=args.max_scored,
                                num_samples=args.num_samples or 2, temperature=args.temperature,
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                max_length=args.max_length, seed=args.seed, show_progress=not args.no_progress)
