@@ -168,6 +168,31 @@ def test_evaluate_on_held_out_real_pairs(hh_split, adapter, evaluated, tmp_path)
         evaluate_pairs(str(GPT2), str(out / "heldout.parquet"), max_scored=0, show_progress=False)
 
 
+def test_reference_answers_are_written_by_the_base_and_read_by_every_adapter(hh_split, adapter, tmp_path):
+    """``reference_answers``: the base model's own evaluation writes its answers; an adapter's
+    evaluation reads them as its reference's (the same answers its disabled adapter gives) instead
+    of generating them again; other settings do not match the file and generate afresh."""
+    from trace_ray.evaluate_pairs import evaluate_pairs
+
+    out, _ = hh_split
+    cache = tmp_path / "answers.json"
+    kw = dict(policy=str(HH_POLICY), limit=40, max_prompts=3, num_samples=2, max_new_tokens=6, max_length=96,
+              batch_size=16, show_progress=False, reference_answers=str(cache))
+    base = evaluate_pairs(str(GPT2), str(out / "heldout.parquet"), **kw)
+    saved = json.loads(cache.read_text())
+    assert saved["answers"]["greedy"] == [g["greedy"] for g in base["generations"]]
+    fresh = evaluate_pairs(str(adapter), str(out / "heldout.parquet"), **dict(kw, reference_answers=None))
+    cached = evaluate_pairs(str(adapter), str(out / "heldout.parquet"), **kw)
+    assert cached["tpa"]["reference"] == fresh["tpa"]["reference"] == {k: base["tpa"][k] for k in ("greedy", "sampled")}
+    # the file is what is read: a verdict changed in it shows in the adapter's reference numbers
+    saved["answers"]["greedy_verdicts"] = ["compliant"] * len(saved["answers"]["greedy_verdicts"])
+    cache.write_text(json.dumps(saved))
+    assert evaluate_pairs(str(adapter), str(out / "heldout.parquet"), **kw)["tpa"]["reference"]["greedy"] == 1.0
+    other = evaluate_pairs(str(adapter), str(out / "heldout.parquet"), **dict(kw, max_new_tokens=5))
+    assert other["tpa"]["reference"]["greedy"] == pytest.approx(
+        evaluate_pairs(str(GPT2), str(out / "heldout.parquet"), **dict(kw, max_new_tokens=5, reference_answers=None))["tpa"]["greedy"])
+
+
 def test_lora_model_generates_through_a_merged_copy_with_the_same_answers(adapter):
     """``_for_generation``: the merged copy's answers are the LoRA model's own (fp32 greedy), and
     the model keeps its adapter, so its ``disable_adapter`` reference is still the base."""

@@ -230,7 +230,9 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
     ``dtype`` is the dtype models are loaded in. ``reference_answers``: a JSON file caching the
     reference's answers (greedy and sampled, with verdicts): read when it holds the same prompts,
     settings and policy, else written — the reference's answers are the same for every model
-    compared against it. Writes ``out_dir/metrics.json`` when ``out_dir`` is given; returns the dict.
+    compared against it. A model evaluated without a reference of its own (a base model) is
+    taken to be that reference: its own answers are read from, or written to, the file. Writes
+    ``out_dir/metrics.json`` when ``out_dir`` is given; returns the dict.
     """
     import torch
     from tqdm.auto import tqdm
@@ -287,12 +289,18 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
         kw = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                   batch_size=batch_size)
         bar.set_postfix_str(f"generate, {len(prompts)} prompts")
-        beh = _behaviour(_for_generation(nets.model), tok, prompts, check, **kw) if prompts else None
+        key = {"prompts": prompts, "policy": pol.fingerprint, **kw}
+        beh = None
+        if not nets.has_ref and prompts:  # no reference of its own: this model is the reference
+            beh = _cached_answers(reference_answers, key)
+        if beh is None and prompts:
+            beh = _behaviour(_for_generation(nets.model), tok, prompts, check, **kw)
+            if not nets.has_ref:
+                _store_answers(reference_answers, key, beh)
         bar.update(2)
         ref_beh = None
         if nets.has_ref and prompts:
             bar.set_postfix_str("generate with the reference")
-            key = {"prompts": prompts, "policy": pol.fingerprint, **kw}
             ref_beh = _cached_answers(reference_answers, key)
             if ref_beh is None:
                 with nets.ref() as ref:
