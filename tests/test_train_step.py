@@ -180,7 +180,8 @@ def test_impact_pass_equals_normalize_weights(tiny_tokenizer, tiny_model_dir, tm
 
 def test_impact_pass_at_reference_runs_no_reference_forward(tiny_model_dir, tmp_path, monkeypatch):
     """Before the first step (θ = θ_ref) the pass takes the reference log-probs from the passes
-    that score the policy: the same weights as with a reference forward, and none is run."""
+    that score the policy: the same weights as with a reference forward, and none is run (jvp;
+    fd scores against a reference forward, its fused reference being approximate)."""
     import trace_ray.impact as impact_mod
     import trace_ray.logprobs as logprobs_mod
     from trace_ray.impact import build_gold_batch
@@ -210,6 +211,10 @@ def test_impact_pass_at_reference_runs_no_reference_forward(tiny_model_dir, tmp_
     assert fused.keys() == w.keys() and all(fused[k][0] == w[k][0] for k in w)
     torch.testing.assert_close(torch.tensor([fused[k][1] for k in w]), torch.tensor([w[k][1] for k in w]),
                                rtol=1e-4, atol=1e-6)
+    cfg.impact.method = "fd"  # its fused reference is exact to O(ε²) only: scores keep a reference forward
+    calls.clear()
+    impact_pass(cfg, model, tok, recs, gold, LocalEnv(tmp_path), at_reference=True)
+    assert calls
 
 
 def test_train_local_learns_saves_and_resumes(tiny_model_dir, tmp_path):

@@ -66,6 +66,10 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
 
     ic, mode = cfg.impact, cfg.reference.mode
     fused = at_reference and mode != "precomputed"  # precomputed: the columns are already there
+    # fd's fused reference (the mean of its θ±εĝ log-probs) is exact to O(ε²) only: runs compared
+    # number for number (ZeRO-3 against in-process) then drift by ~2e-4 in L_I, so fd scores
+    # against a reference forward; g_J's reference (the policy's own forward) is exact for all.
+    fused_scores = fused and ic.method != "fd"
     bs, L = ic.batch_size, cfg.data.max_length
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -111,14 +115,14 @@ def impact_pass(cfg: RunConfig, model, tok, rows: list[dict], gold: list[dict], 
             b["ref_logps"] = torch.tensor(
                 [0.0 if r.get(k) is None or math.isnan(r[k]) else float(r[k]) for k in keys for r in chunk], dtype=torch.float32
             )
-        elif not fused:
+        elif not fused_scores:
             b["ref_logps"] = ref_of(b)
         # Punish rows are scored on NPO without 2/β whatever loss.npo_normalize says: a weight must
         # not grow with a constant factor of the loss it multiplies, else 2/β counts twice
         # ((2/β)² ≈ 44 at β = 0.3 against invert rows). docs/method.md, "Punish-row balance".
         scores[s : s + len(chunk)] = impact_scores(
             model, b, g_J, ic.method, beta=cfg.loss.beta, npo_normalize=False, nll_lambda=cfg.loss.nll_anchor,
-            at_reference=fused,
+            at_reference=fused_scores,
         ).double()
 
     # Global normalisation (= impact.normalize_weights over every worker's scores at once).
