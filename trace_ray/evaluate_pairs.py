@@ -290,22 +290,23 @@ def evaluate_pairs(model: Any, data: str, out_dir: str | None = None, policy: An
                   batch_size=batch_size)
         bar.set_postfix_str(f"generate, {len(prompts)} prompts")
         key = {"prompts": prompts, "policy": pol.fingerprint, **kw}
-        beh = None
-        if not nets.has_ref and prompts:  # no reference of its own: this model is the reference
-            beh = _cached_answers(reference_answers, key)
-        if beh is None and prompts:
-            beh = _behaviour(_for_generation(nets.model), tok, prompts, check, **kw)
-            if not nets.has_ref:
-                _store_answers(reference_answers, key, beh)
+
+        def answers(path, generate_with):  # the cached answers for ``key``, else generated and stored
+            got = _cached_answers(path, key)
+            if got is None:
+                with generate_with() as net_:
+                    got = _behaviour(net_, tok, prompts, check, **kw)
+                _store_answers(path, key, got)
+            return got
+
+        # without a reference of its own, this model is the reference: its answers are the cache's
+        own = lambda: contextlib.nullcontext(_for_generation(nets.model))  # noqa: E731 (copied only if it generates)
+        beh = answers(None if nets.has_ref else reference_answers, own) if prompts else None
         bar.update(2)
         ref_beh = None
         if nets.has_ref and prompts:
             bar.set_postfix_str("generate with the reference")
-            ref_beh = _cached_answers(reference_answers, key)
-            if ref_beh is None:
-                with nets.ref() as ref:
-                    ref_beh = _behaviour(ref, tok, prompts, check, **kw)
-                _store_answers(reference_answers, key, ref_beh)
+            ref_beh = answers(reference_answers, nets.ref)
             bar.update(2)
         m_c, m_r = (_rates(beh, c_idx), _rates(beh, r_idx)) if beh else ({}, {})
         r_c, r_r = (_rates(ref_beh, c_idx), _rates(ref_beh, r_idx)) if ref_beh else ({}, {})
