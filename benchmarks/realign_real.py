@@ -3,7 +3,7 @@ policy (a voice assistant's), TRACE against TRACE with uniform weights, naive or
 without triage, measured on held-out prompts. The library part is ``trace_ray.real_benchmark``;
 the settings are ``configs/real/smollm2_hh_voice.yaml``; the page is docs/real_benchmark.md.
 
-    python benchmarks/realign_real.py --out runs/realign_real                  # ~1 hour on 2 idle cores
+    python benchmarks/realign_real.py --out runs/realign_real                  # ~45 min on 2 idle cores
     python benchmarks/realign_real.py --out runs/realign_real_quick --quick    # every stage, a few minutes
     python benchmarks/realign_real.py --out runs/x lrs=[1e-3] realign.loss.nll_anchor=0   # overrides
 
