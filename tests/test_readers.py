@@ -213,3 +213,25 @@ def test_fast_paths_equal_the_row_by_row_reader(tmp_path, variant):
         with open(path, "rb") as f:
             got = pa.concat_tables(list(src._read_stream(f, str(path)))).to_pylist()
         assert got == list(iter_records(path, "pairs")), kind
+
+
+
+def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):
+    """``"\\ud800"`` is valid JSON that Python decodes to a string no UTF-8 stage can hold: the Ray
+    reader used to fail the whole read task on it. Now the row is kept with its reason; a proper
+    surrogate pair (an emoji) stays a good row."""
+    from trace_ray.data.readers import _datasource_cls
+
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"prompt":"a","chosen":"b","rejected":"c"}\n'
+                     b'{"prompt":"a\\ud800","chosen":"b","rejected":"c"}\n'
+                     b'{"prompt":"a\\ud83d\\ude00","chosen":"b","rejected":"c"}\n')
+    recs = list(iter_records(path, "pairs"))
+    assert [r["_error"] is None for r in recs] == [True, False, True]
+    assert "s.jsonl:2: line 2: an escape that is half a surrogate pair ('\\ud800')" in recs[1]["_error"]
+    assert recs[2]["prompt"] == "a\U0001F600"
+    src = _datasource_cls().__new__(_datasource_cls())
+    src._fmt, src._pku_chosen, src._keys, src._rows = "pairs", "better", None, 128
+    with open(path, "rb") as f:
+        got = pa.concat_tables(list(src._read_stream(f, str(path)))).to_pylist()
+    assert got == recs

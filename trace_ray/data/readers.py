@@ -23,6 +23,7 @@ import gzip
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,6 +62,9 @@ def _lines(stream) -> Iterator[tuple[int, bytes]]:
             yield lineno, raw
     if tail:
         yield lineno + 1, tail
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
@@ -107,6 +111,12 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
             if not isinstance(obj, dict):
                 yield loc, None, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
                 continue
+            if b"\\u" in raw and _SURROGATE.search(raw):  # maybe half a surrogate pair, escaped, alone
+                try:
+                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as e:  # Python holds it; Arrow (and every later stage) cannot
+                    yield loc, None, f"line {lineno}: an escape that is half a surrogate pair ({e.object[e.start]!a}), not text"
+                    continue
             yield loc, obj, None
     except (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile) as e:
         # a truncated .gz or a corrupt parquet file: keep what was read, record where it broke
