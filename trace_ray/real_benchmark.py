@@ -68,7 +68,7 @@ class RealBenchConfig:
     holdout: float = 0.1
     validation: float = 0.05
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3])
+    lrs: list[float] = field(default_factory=lambda: [2e-3, 3e-3])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     parallel: int = 2  # concurrent runs (Ray tasks, 1 CPU and 1 torch thread each)
     realign: dict[str, Any] = field(default_factory=dict)  # the shared RunConfig (trace_ray.train.config)
