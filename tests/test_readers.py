@@ -215,7 +215,6 @@ def test_fast_paths_equal_the_row_by_row_reader(tmp_path, variant):
         assert got == list(iter_records(path, "pairs")), kind
 
 
-
 def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):
     """``"\\ud800"`` is valid JSON that Python decodes to a string no UTF-8 stage can hold: the Ray
     reader used to fail the whole read task on it. Now the row is kept with its reason; a proper
