@@ -234,3 +234,10 @@ def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):
     with open(path, "rb") as f:
         got = pa.concat_tables(list(src._read_stream(f, str(path)))).to_pylist()
     assert got == recs
+    arr = tmp_path / "s.json"  # one JSON array of rows: the same rule
+    arr.write_bytes(b"[" + b",".join(path.read_bytes().splitlines()) + b"]")
+    recs = list(iter_records(arr, "pairs"))
+    assert [r["_error"] is None for r in recs] == [True, False, True]
+    assert "s.json:item 2: an escape that is half a surrogate pair ('\\ud800')" in recs[1]["_error"]
+    with open(arr, "rb") as f:
+        assert pa.concat_tables(list(src._read_stream(f, str(arr)))).to_pylist() == recs

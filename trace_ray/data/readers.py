@@ -64,7 +64,17 @@ def _lines(stream) -> Iterator[tuple[int, bytes]]:
         yield lineno + 1, tail
 
 
-_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # the escape of a surrogate code point
+
+
+def _half_surrogate(obj: dict) -> str | None:
+    """Why a decoded row is not text, when an escape left half a surrogate pair alone in it
+    (``"\\ud800"``: valid JSON, a Python string that no UTF-8 stage, Arrow included, can hold)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"an escape that is half a surrogate pair ({e.object[e.start]!a}), not text"
+    return None
 
 
 def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
@@ -87,8 +97,14 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 obj = None  # maybe JSON lines in a .json file: fall through to the line reader
             if isinstance(obj, list):
+                escapes = _SURROGATE.search(data) is not None
                 for i, row in enumerate(obj, 1):
-                    yield f"{base}:item {i}", row, None if isinstance(row, dict) else "item is not an object"
+                    if not isinstance(row, dict):
+                        yield f"{base}:item {i}", row, "item is not an object"
+                    elif escapes and (err := _half_surrogate(row)):
+                        yield f"{base}:item {i}", None, err
+                    else:
+                        yield f"{base}:item {i}", row, None
                 return
             if isinstance(obj, dict) and not any(isinstance(v, (str, type(None))) for v in obj.values()):
                 yield f"{base}", None, "a JSON object that is not a row; expected a list of rows or JSON lines"
@@ -111,12 +127,9 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
             if not isinstance(obj, dict):
                 yield loc, None, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
                 continue
-            if b"\\u" in raw and _SURROGATE.search(raw):  # maybe half a surrogate pair, escaped, alone
-                try:
-                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
-                except UnicodeEncodeError as e:  # Python holds it; Arrow (and every later stage) cannot
-                    yield loc, None, f"line {lineno}: an escape that is half a surrogate pair ({e.object[e.start]!a}), not text"
-                    continue
+            if b"\\u" in raw and _SURROGATE.search(raw) and (err := _half_surrogate(obj)):
+                yield loc, None, f"line {lineno}: {err}"
+                continue
             yield loc, obj, None
     except (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile) as e:
         # a truncated .gz or a corrupt parquet file: keep what was read, record where it broke
