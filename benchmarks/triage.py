@@ -152,13 +152,13 @@ class Peak:
         rss = []
         for p in [self.me] + self.me.children(recursive=True):
             try:
+                worker = p is not self.me and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::")
                 t = p.cpu_times()
                 used = t.user + t.system
+                self.kind.setdefault(p.pid, "driver" if p is self.me else "workers" if worker else "ray_services")
                 if first:
                     self.cpu0[p.pid] = used
                 self.cpu1[p.pid] = used
-                worker = p is not self.me and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::")
-                self.kind.setdefault(p.pid, "driver" if p is self.me else "workers" if worker else "ray_services")
                 if worker:
                     rss.append(p.memory_info().rss / 2**20)
             except Exception:  # noqa: BLE001 - a process ended between listing and reading

@@ -61,11 +61,12 @@ def assert_every_row_once(out, prompts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("title", ["ray::ReadPairs", "ray::Write"])
-def test_killed_task_worker(ray_session, tmp_path, title):
-    """SIGKILL one read+rules task, or one write task, mid-run: Ray retries it (a write task
-    rewrites its part file under the same name), and the output holds every row exactly once."""
-    prompts = write_shards(tmp_path / "data", 12_000, 6, words=200)
+@pytest.mark.parametrize("title,files", [("ray::ReadPairs", 6), ("ray::Write", 1)])
+def test_killed_task_worker(ray_session, tmp_path, title, files):
+    """SIGKILL one task mid-run: with 6 input files the task that reads, files and writes one of
+    them (the write fused into it); with 1 file a write task of its own. Ray retries it (the part
+    file is rewritten under the same name), and the output holds every row exactly once."""
+    prompts = write_shards(tmp_path / "data", 12_000, files, words=200)
     killer = Killer(title)
     killer.start()
     started = time.time()
@@ -75,6 +76,11 @@ def test_killed_task_worker(ray_session, tmp_path, title):
     assert killer.killed["at"] > started
     table = assert_every_row_once(tmp_path / "out", prompts)
     assert summary["total"] == len(prompts) and len(set(table.column("id").to_pylist())) == len(prompts)
+    marker = json.loads((tmp_path / "out" / "triaged.parquet" / SUCCESS).read_text())
+    if files > 1:  # fused: the killed task was also the writer, one part file per input file
+        assert killer.killed["title"].endswith("->Write") and len(marker["files"]) == files
+    else:  # write tasks of their own, about one block (1,000 rows) each
+        assert len(marker["files"]) > files
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def test_folder_is_read_back_by_realign_data_path(ray_session, tmp_path, tiny_mo
     write_shards(tmp_path / "data", 1_500, 3)
     s = run_triage(tmp_path / "data", HH_POLICY, tmp_path / "out", show_progress=False, batch_size=300)
     folder = tmp_path / "out" / "triaged.parquet"
-    assert len(list(folder.glob("*.parquet"))) >= 3
+    assert len(list(folder.glob("*.parquet"))) == 3  # the write fused into the read tasks: one part per input file
     cfg = from_dict(RunConfig, {"data": {"triaged": str(folder)}, "model": {"name": str(tiny_model_dir)},
                                 "loss": {"alpha_kl": 0.0}, "output": {"dir": str(tmp_path / "run")}})
     info = check_inputs(cfg)
@@ -163,6 +163,24 @@ def test_uri_output_and_sibling_outputs_by_split_column(ray_session, tmp_path):
     assert sum(parts.summaries["heldout"].counts.values()) == want["heldout"]
     assert set(train.column("id").to_pylist()).isdisjoint(held.column("id").to_pylist())
     assert "split" not in train.column_names and (tmp_path / "split" / "heldout.parquet" / SUCCESS).exists()
+
+
+def test_write_is_fused_for_many_bounded_files_only(tmp_path, monkeypatch):
+    """``fuse_write``: two or more files, each within the limit (a compressed one counted 4x) →
+    write in the read tasks; one file, a bigger file or a path whose size is unknown → write tasks."""
+    from trace_ray import triage_output
+    from trace_ray.triage_output import fuse_write
+
+    monkeypatch.setattr(triage_output, "FUSED_WRITE_MAX_FILE_BYTES", 1000)
+    for name, size in (("a.jsonl", 900), ("b.jsonl", 1000), ("c.jsonl", 1001), ("d.jsonl.gz", 250), ("e.jsonl.gz", 251),
+                       ("f.parquet", 251)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    f = {n: str(tmp_path / n) for n in ("a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl.gz", "e.jsonl.gz", "f.parquet")}
+    assert fuse_write([f["a.jsonl"], f["b.jsonl"], f["d.jsonl.gz"]])
+    assert not fuse_write([f["a.jsonl"]])
+    assert not fuse_write([f["a.jsonl"], f["c.jsonl"]])
+    assert not fuse_write([f["a.jsonl"], f["e.jsonl.gz"]]) and not fuse_write([f["a.jsonl"], f["f.parquet"]])
+    assert not fuse_write([f["a.jsonl"], "s3://bucket/x.jsonl"])
 
 
 def test_a_retried_write_task_rewrites_its_own_part(tmp_path, hh_path):

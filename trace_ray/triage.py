@@ -189,7 +189,9 @@ def run_triage(
     unresolved for one reason, ``MostlyUnresolved`` names it and the flag that probably fixes it
     (``allow_unresolved`` skips the check). ``num_actors`` sizes the judge actor pool (default: the
     judge rule's concurrency); rules run as plain tasks fused with the read, on one read block
-    (``batch_size`` rows) at a time; each block is then written by its own write task.
+    (``batch_size`` rows) at a time. Input of two or more files (each at most 256 MiB) is also
+    written in those tasks, one part file per input file; a single or bigger file has each block
+    written by a write task of its own (``trace_ray.triage_output.fuse_write``).
     A task whose worker dies is retried, a judge actor that dies is restarted and its batch
     retried — without limit by default (Ray Data's own defaults), ``max_retries`` times when
     given — and its part file rewritten: every row lands exactly once.
@@ -201,7 +203,7 @@ def run_triage(
     from trace_ray.data.split import FILES, check_fractions
     from trace_ray.preflight import check_resolvable
     from trace_ray.ray_utils import ensure_ray
-    from trace_ray.triage_output import Summary, write_triaged
+    from trace_ray.triage_output import Summary, fuse_write, write_triaged
 
     policy = load_policy(policy)
     old_policy = load_policy(compare) if compare is not None else None
@@ -247,7 +249,7 @@ def run_triage(
         t0 = time.perf_counter()
         written = write_triaged(ds, out, [r.name for r in policy.rules], outputs={s: FILES[s] for s in splits},
                                 split_column="split" if len(splits) > 1 else None, ray_remote_args=retries,
-                                extra=movement)
+                                extra=movement, fused=fuse_write(source.files))
     elapsed = time.perf_counter() - t0
     total = Summary([r.name for r in policy.rules])
     for s in splits:  # every input row, in split order

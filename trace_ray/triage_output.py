@@ -36,6 +36,9 @@ SUCCESS = "_SUCCESS"
 PLAIN_REASONS = '{"chosen": [], "rejected": []}'
 EXAMPLES_PER_CATEGORY = 3
 WRITE_TASK_MEMORY = 512 << 20  # logical reservation of one write task (Ray scheduling only)
+# Parquet dictionary encoding where values repeat; the texts and ids are (nearly) all distinct, and
+# trying a dictionary on them first costs about as much as the rest of the write
+DICTIONARY_COLUMNS = ["meta", "chosen_verdict", "rejected_verdict", "reasons", "category", "policy"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ def triaged_sink(out_dir: str, outputs: dict[str, str], split_column: str | None
             final = f"{self.root}/{folder}/{name}"
             tmp = final if self.remote else f"{self.root}/{folder}/.{name}.{os.getpid()}.tmp"
             stream = self.fs.open_output_stream(tmp)
-            return pq.ParquetWriter(stream, TRIAGED, compression=compression), stream, tmp, final
+            return pq.ParquetWriter(stream, TRIAGED, compression=compression, use_dictionary=DICTIONARY_COLUMNS), stream, tmp, final
 
         def on_write_complete(self, write_result) -> None:
             merged = {key: Summary(rule_names) for key in outputs}
@@ -274,20 +277,47 @@ def _clean_tmp(fs, folder: str) -> None:
 
 def write_triaged(ds, out_dir: str, rule_names: list[str], *, outputs: dict[str, str] | None = None,
                   split_column: str | None = None, ray_remote_args: dict | None = None,
-                  extra: Callable[[], Any] | None = None) -> Written:
+                  extra: Callable[[], Any] | None = None, fused: bool = False) -> Written:
     """Write a dataset of ``TRIAGED`` rows (plus ``split_column`` when given) under ``out_dir``;
     return :class:`Written` (the merged :class:`Summary` per output key). ``outputs`` maps a split
     value to a folder name (default ``{"train": "triaged.parquet"}``: every row in
     ``OUT/triaged.parquet``). ``extra()`` makes one more accumulator per write task (``add(block)``
-    on every whole block, ``merge(other)``), e.g. the ``--compare`` movement table."""
+    on every whole block, ``merge(other)``), e.g. the ``--compare`` movement table.
+
+    ``fused=True``: the write runs inside the tasks that make the rows (``ray_remote_args`` must
+    equal theirs), one part file per task — what ``run_triage`` does for inputs of many bounded
+    files (:func:`fuse_write`). Otherwise the write is an operator of its own, one block per task."""
     outputs = outputs or {"train": "triaged.parquet"}
     sink = triaged_sink(str(out_dir), outputs, split_column, rule_names, extra)
-    # Ray's write op keeps every block of a write task in memory until the task ends: fused into
-    # the read task, that would be a whole input file. A memory reservation of its own (a worker
-    # plus one block, its Parquet encoding and summary) keeps the write a separate operator, one
-    # block per write task.
-    ds.write_datasink(sink, ray_remote_args={"memory": WRITE_TASK_MEMORY, **(ray_remote_args or {})})
+    # A memory reservation of its own (a worker plus one block, its Parquet encoding and summary)
+    # keeps the write a separate operator; without it Ray fuses the write into the task before.
+    args = dict(ray_remote_args or {}) if fused else {"memory": WRITE_TASK_MEMORY, **(ray_remote_args or {})}
+    ds.write_datasink(sink, ray_remote_args=args)
     return sink.result
+
+
+FUSED_WRITE_MAX_FILE_BYTES = 256 << 20  # on disk; a compressed file (.gz, Parquet) counts 4x
+
+
+def fuse_write(files: list[str]) -> bool:
+    """Whether triage writes inside its read tasks (one task = one input file: read, rules, write)
+    rather than in write tasks of their own. Fused is faster: no block goes through the object store,
+    and on a small cluster every CPU reads — Ray Data reserves at least one CPU per operator, so with
+    a separate write operator a 2-CPU machine runs one read task at a time. But Ray's write step
+    holds every block of its task until the task ends, i.e. a whole input file's rows. So: fused
+    for two or more files of at most ``FUSED_WRITE_MAX_FILE_BYTES`` each; a single file (one task
+    would do everything on one CPU) or a bigger one keeps the separate write operator (its blocks
+    are written in parallel, one at a time each)."""
+    if len(files) < 2:
+        return False
+    for f in files:
+        try:
+            size = os.path.getsize(f)
+        except OSError:  # not a local path: size unknown, stay bounded
+            return False
+        if size * (4 if f.endswith((".gz", ".parquet")) else 1) > FUSED_WRITE_MAX_FILE_BYTES:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
