@@ -5,8 +5,9 @@
 local folder or an ``s3://`` / ``gs://`` URI (``trace_ray.storage`` resolves the filesystem).
 
 Writing (:func:`write_triaged`): a Ray Data ``Datasink`` (:func:`triaged_sink`, Ray's
-``ParquetDatasink`` with a streaming ``write``). Each write task streams its blocks into ONE part
-file named by Ray's write UUID and the task index — a retried task (a lost worker) rewrites the same
+``ParquetDatasink`` with a streaming ``write``). Each write task — or each read task, when the
+write is fused into it (:func:`fuse_write`) — streams its blocks into ONE part file named by Ray's
+write UUID and the task index — a retried task (a lost worker) rewrites the same
 file, so no row is ever written twice — through a hidden temporary name renamed at the end on a
 local disk (object stores publish a PUT atomically). Each task also returns the summary of the rows
 it wrote (:class:`Summary`, a few kB whatever the row count); Ray hands those to the driver in
