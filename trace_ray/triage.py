@@ -191,8 +191,8 @@ def run_triage(
     judge rule's concurrency); rules run as plain tasks fused with the read, on one read block
     (``batch_size`` rows) at a time. Input of two or more files (each at most 256 MiB) is also
     written in those tasks, one part file per input file (with a judge rule: in the rules tasks
-    after the judge actors, one part per block); a single or bigger file has each block written by
-    a write task of its own (``trace_ray.triage_output.fuse_write``).
+    that follow the judge actors, one part per bundle of rows they are handed); a single or bigger
+    file has each block written by a write task of its own (``trace_ray.triage_output.fuse_write``).
     A task whose worker dies is retried, a judge actor that dies is restarted and its batch
     retried — without limit by default (Ray Data's own defaults), ``max_retries`` times when
     given — and its part file rewritten: every row lands exactly once.
