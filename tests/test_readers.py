@@ -215,6 +215,59 @@ def test_fast_paths_equal_the_row_by_row_reader(tmp_path, variant):
         assert got == list(iter_records(path, "pairs")), kind
 
 
+EDGE_LINES = [  # JSON lines that Arrow's parser and Python's json could read differently
+    b'\xef\xbb\xbf{"prompt":"bom","chosen":"b","rejected":"c"}',       # byte order mark
+    b'{"prompt":"a","prompt":"dup","chosen":"b","rejected":"c"}',        # duplicate key
+    b'{"prompt":5,"chosen":"b","rejected":"c"}',                          # not a string
+    b'{"prompt":NaN,"chosen":"b","rejected":"c"}',
+    b'{"id":null,"prompt":"nullid","chosen":"b","rejected":"c"}',
+    b'{"id":"","prompt":"emptyid","chosen":"b","rejected":"c"}',
+    b'{"id":7,"prompt":"numid","chosen":"b","rejected":"c"}',
+    b'{"prompt":"two","chosen":"b","rejected":"c"}{"prompt":"x","chosen":"b","rejected":"c"}',
+    b'{"prompt":"tail","chosen":"b","rejected":"c"} x',
+    b'{"prompt":"bad \xff utf8","chosen":"b","rejected":"c"}',
+    b'{"prompt":"lone \\ud800","chosen":"b","rejected":"c"}',
+    b'{"prompt":"pair \\ud83d\\ude00","chosen":"b","rejected":"c"}',
+    b'{"prompt":"nul \\u0000","chosen":"b","rejected":"c"}',
+    b'{"prompt":"raw \x01 control","chosen":"b","rejected":"c"}',
+    b'  \t ', b'\x0c', b'[1]', b'{}',
+    b'{"prompt":"extra","chosen":"b","rejected":"c","source":"x"}',
+    b'{"prompt":"blank","chosen":" ","rejected":"c"}',
+    b'{"prompt":"crlf","chosen":"b","rejected":"c"}\r',
+]
+
+
+def test_arrow_json_blocks_read_every_line_as_python_does(tmp_path):
+    """The JSON-lines fast path (Arrow's parser on a block of lines) gives exactly the line
+    reader's records for each awkward line among plain ones, and for a truncated .gz: a block it
+    cannot vouch for falls back to the line reader. Plain blocks do take the fast path."""
+    from trace_ray.data.columnar import plain_json_block
+    from trace_ray.data.readers import READ_SCHEMA, _datasource_cls
+
+    plain = [json.dumps({"prompt": f"p{i} café", "chosen": f"c{i} ’ gun\n", "rejected": f"r{i} 日本"},
+                        ensure_ascii=i % 2 == 0).encode() for i in range(9)]
+    assert plain_json_block(plain, READ_SCHEMA) is not None
+    src = _datasource_cls().__new__(_datasource_cls())
+    src._fmt, src._pku_chosen, src._keys, src._rows = "pairs", "better", None, 4
+    for i, edge in enumerate(EDGE_LINES):
+        fast = plain_json_block([edge] + plain[:3], READ_SCHEMA)
+        path = tmp_path / f"edge{i}.jsonl"  # the edge line opens the second block of 4 lines
+        path.write_bytes(b"\n".join(plain[:4] + [edge] + plain[4:]) + b"\n")
+        with open(path, "rb") as f:
+            got = pa.concat_tables(list(src._read_stream(f, str(path)))).to_pylist()
+        want = list(iter_records(path, "pairs"))
+        assert got == want, edge
+        if fast is not None:  # Arrow read this block: its rows must be the line reader's
+            by_prompt = {r["prompt"]: r for r in want}
+            assert [by_prompt.get(r["prompt"]) for r in fast.to_pylist()] == fast.to_pylist(), edge
+    data = gzip.compress(b"".join(line + b"\n" for line in plain * 30))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with open(cut, "rb") as f, gzip.open(f) as g:
+        got = pa.concat_tables(list(src._read_stream(g, str(cut)))).to_pylist()
+    assert got == list(iter_records(cut, "pairs")) and "truncated or corrupt" in got[-1]["_error"]
+
+
 def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):
     """``"\\ud800"`` is valid JSON that Python decodes to a string no UTF-8 stage can hold: the Ray
     reader used to fail the whole read task on it. Now the row is kept with its reason; a proper

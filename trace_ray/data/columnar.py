@@ -1,4 +1,5 @@
-"""The ``pairs`` format a whole Arrow batch at a time (the readers' fast path).
+"""The ``pairs`` format a whole Arrow batch at a time (the readers' fast path: Parquet / Arrow
+batches, and blocks of JSON lines parsed by Arrow's JSON reader).
 
 A batch whose columns are exactly ``prompt``, ``chosen``, ``rejected`` (+ ``id``), all strings,
 without nulls, blank responses or conversation prompts (JSON text of messages, which the reader
@@ -15,6 +16,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 PLAIN_COLUMNS = {"prompt", "chosen", "rejected", "id"}
 
@@ -51,6 +53,31 @@ def _blank(arr) -> bool:
         return True
     rows = np.flatnonzero(maybe_blank(arr))
     return any(not (v := arr[int(i)].as_py()) or v.isspace() for i in rows)
+
+
+PLAIN_JSON = pa.schema([(k, pa.string()) for k in ("id", "prompt", "chosen", "rejected")])
+_JSON_PARSE = pa_json.ParseOptions(explicit_schema=PLAIN_JSON, unexpected_field_behavior="error")
+
+
+def plain_json_block(lines: list[bytes], schema: pa.Schema):
+    """JSON lines of plain pairs parsed at once by Arrow's JSON reader → a ``schema`` table, or
+    None when any line might read differently from Python's ``json`` line by line (then the
+    line reader decides): a line Arrow rejects (other keys, a non-string value, a duplicate key, a
+    lone surrogate escape, bad JSON), bytes that are not UTF-8 (Arrow does not check them), a byte
+    order mark (Arrow skips it, Python's ``json`` refuses it), a line holding two objects (the row
+    count differs), or a row ``plain_pairs_table`` refuses (nulls, blanks, a conversation)."""
+    data = b"\n".join(lines)
+    if not data.strip() or b"\xef\xbb\xbf" in data:
+        return None
+    try:
+        data.decode("utf-8")
+        table = pa_json.read_json(pa.py_buffer(data), parse_options=_JSON_PARSE,
+                                  read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1))
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        return None
+    if table.num_rows != sum(1 for raw in lines if raw.strip()):
+        return None
+    return plain_pairs_table(table, schema)
 
 
 def plain_pairs_table(batch, schema: pa.Schema):

@@ -111,29 +111,39 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
                 return
             stream = io.BytesIO(data)
         for lineno, raw in _lines(stream):
-            loc = f"{base}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield loc, None, f"line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield loc, None, f"line {lineno}: invalid JSON (truncated line?): {e.msg} at column {e.colno}"
-                continue
-            if not isinstance(obj, dict):
-                yield loc, None, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
-                continue
-            if b"\\u" in raw and _SURROGATE.search(raw) and (err := _half_surrogate(obj)):
-                yield loc, None, f"line {lineno}: {err}"
-                continue
-            yield loc, obj, None
-    except (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile) as e:
-        # a truncated .gz or a corrupt parquet file: keep what was read, record where it broke
-        yield f"{base}:end", None, f"file is truncated or corrupt: {type(e).__name__}: {e}"
+            item = _line_object(base, lineno, raw)
+            if item is not None:
+                yield item
+    except READ_ERRORS as e:  # a truncated .gz or a corrupt parquet file: keep what was read
+        yield _broken(base, e)
+
+
+READ_ERRORS = (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile)
+
+
+def _broken(base: str, e: Exception) -> tuple[str, None, str]:
+    """The row that records where a file broke off (the rows before it are kept)."""
+    return f"{base}:end", None, f"file is truncated or corrupt: {type(e).__name__}: {e}"
+
+
+def _line_object(base: str, lineno: int, raw: bytes) -> tuple[str, Any, str | None] | None:
+    """``(location, object or None, error or None)`` of one JSON line; None for a blank line."""
+    loc = f"{base}:{lineno}"
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return loc, None, f"line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return loc, None, f"line {lineno}: invalid JSON (truncated line?): {e.msg} at column {e.colno}"
+    if not isinstance(obj, dict):
+        return loc, None, f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
+    if b"\\u" in raw and _SURROGATE.search(raw) and (err := _half_surrogate(obj)):
+        return loc, None, f"line {lineno}: {err}"
+    return loc, obj, None
 
 
 def columnar_batches(source, kind: str, rows: int = 4096):
@@ -230,20 +240,60 @@ def _datasource_cls():
             if plain and _kind(path) in ("parquet", "arrow"):
                 yield from self._columnar(f, path)
                 return
+            if plain and _kind(path) == "jsonl":
+                yield from self._json_lines(f, path)
+                return
+            items: list = []
+            for item in iter_objects(f, path):
+                items.append(item)
+                if len(items) >= self._rows:
+                    yield self._table(items)
+                    items = []
+            if items:
+                yield self._table(items)
+
+        def _table(self, items: list) -> pa.Table:
+            """``(location, object, error)`` items → a ``READ_SCHEMA`` table, one record each."""
+            plain = self._fmt == "pairs" and not self._keys
             names = READ_SCHEMA.names
             cols: list[list] = [[] for _ in names]
-            for loc, obj, err in iter_objects(f, path):
+            for loc, obj, err in items:
                 rec = plain_pairs_record(obj) if plain and err is None else None
                 if rec is None:
                     d = to_record(obj, self._fmt, loc, err, self._pku_chosen, self._keys)
                     rec = tuple(d[k] for k in names)
                 for col, v in zip(cols, rec):
                     col.append(v)
-                if len(cols[0]) >= self._rows:
-                    yield pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=READ_SCHEMA)
-                    cols = [[] for _ in names]
-            if cols[0]:
-                yield pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=READ_SCHEMA)
+            return pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=READ_SCHEMA)
+
+        def _json_lines(self, f, path: str):
+            """Plain pairs in JSON lines, ``rows_per_block`` lines at a time: Arrow's JSON parser
+            reads the block when every line in it is a plain row (``columnar.plain_json_block``
+            says so); any other block is read line by line (``_line_object``, exactly
+            ``iter_objects``: the same records, locations and errors)."""
+            from trace_ray.data.columnar import plain_json_block
+
+            base, lines = os.path.basename(path), []
+
+            def block(end=None) -> pa.Table:
+                table = plain_json_block([raw for _, raw in lines], READ_SCHEMA) if end is None else None
+                if table is None:
+                    items = [it for n, raw in lines if (it := _line_object(base, n, raw)) is not None]
+                    table = self._table(items + ([end] if end else []))
+                return table
+
+            try:
+                for line in _lines(f):
+                    lines.append(line)
+                    if len(lines) >= self._rows:
+                        if (table := block()).num_rows:
+                            yield table
+                        lines = []
+            except READ_ERRORS as e:
+                yield block(_broken(base, e))
+                return
+            if lines and (table := block()).num_rows:
+                yield table
 
         def _columnar(self, f, path: str):
             """Parquet / Arrow pairs: a whole batch at once when it is plain, else row by row
