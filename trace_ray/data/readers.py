@@ -325,7 +325,8 @@ def read_pairs(data: str | Path | Source, format: str = "auto", pku_chosen: str 
     task (the rows of a file never travel through the object store). One file: Ray splits its
     output into blocks so that later operators still run in parallel. ``ray_remote_args`` go to
     the read tasks (e.g. ``max_retries``). Plain ``pairs`` rows skip the per-row dicts (JSON
-    lines: tuples; Parquet / Arrow: whole batches, ``trace_ray.data.columnar``)."""
+    lines: blocks parsed by Arrow's JSON reader; Parquet / Arrow: whole batches;
+    ``trace_ray.data.columnar``)."""
     import ray.data
 
     _check_args(format, pku_chosen)
