@@ -77,6 +77,14 @@ def _half_surrogate(obj: dict) -> str | None:
     return None
 
 
+READ_ERRORS = (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile)
+
+
+def _broken(base: str, e: Exception) -> tuple[str, None, str]:
+    """The row that records where a file broke off (the rows before it are kept)."""
+    return f"{base}:end", None, f"file is truncated or corrupt: {type(e).__name__}: {e}"
+
+
 def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
     """``(location, object or None, error or None)`` for each row of one file's binary stream."""
     base = os.path.basename(name)
@@ -116,14 +124,6 @@ def iter_objects(stream, name: str) -> Iterator[tuple[str, Any, str | None]]:
                 yield item
     except READ_ERRORS as e:  # a truncated .gz or a corrupt parquet file: keep what was read
         yield _broken(base, e)
-
-
-READ_ERRORS = (OSError, EOFError, pa.ArrowException, gzip.BadGzipFile)
-
-
-def _broken(base: str, e: Exception) -> tuple[str, None, str]:
-    """The row that records where a file broke off (the rows before it are kept)."""
-    return f"{base}:end", None, f"file is truncated or corrupt: {type(e).__name__}: {e}"
 
 
 def _line_object(base: str, lineno: int, raw: bytes) -> tuple[str, Any, str | None] | None:
@@ -235,12 +235,16 @@ def _datasource_cls():
                 return filesystem.open_input_file(path)
             return super()._open_input_source(filesystem, path, **open_args)
 
+        @property
+        def _plain(self) -> bool:
+            """Plain ``pairs`` without column mapping: the fast paths apply."""
+            return self._fmt == "pairs" and not self._keys
+
         def _read_stream(self, f, path: str):
-            plain = self._fmt == "pairs" and not self._keys  # the fast paths: no column mapping
-            if plain and _kind(path) in ("parquet", "arrow"):
+            if self._plain and _kind(path) in ("parquet", "arrow"):
                 yield from self._columnar(f, path)
                 return
-            if plain and _kind(path) == "jsonl":
+            if self._plain and _kind(path) == "jsonl":
                 yield from self._json_lines(f, path)
                 return
             items: list = []
@@ -254,11 +258,10 @@ def _datasource_cls():
 
         def _table(self, items: list) -> pa.Table:
             """``(location, object, error)`` items → a ``READ_SCHEMA`` table, one record each."""
-            plain = self._fmt == "pairs" and not self._keys
             names = READ_SCHEMA.names
             cols: list[list] = [[] for _ in names]
             for loc, obj, err in items:
-                rec = plain_pairs_record(obj) if plain and err is None else None
+                rec = plain_pairs_record(obj) if self._plain and err is None else None
                 if rec is None:
                     d = to_record(obj, self._fmt, loc, err, self._pku_chosen, self._keys)
                     rec = tuple(d[k] for k in names)
@@ -297,7 +300,7 @@ def _datasource_cls():
 
         def _columnar(self, f, path: str):
             """Parquet / Arrow pairs: a whole batch at once when it is plain, else row by row
-            (exactly ``iter_objects`` + ``to_record``, with the same locations and errors)."""
+            (exactly ``iter_objects`` + ``_table``, with the same locations and errors)."""
             from trace_ray.data.columnar import plain_pairs_table
 
             base, i = os.path.basename(path), 0
@@ -305,13 +308,11 @@ def _datasource_cls():
                 for batch in columnar_batches(f, _kind(path), self._rows):
                     table = plain_pairs_table(batch, READ_SCHEMA)
                     if table is None:
-                        table = pa.Table.from_pylist([to_record(obj, "pairs", f"{base}:row {i + k + 1}", None, self._pku_chosen)
-                                                      for k, obj in enumerate(batch.to_pylist())], schema=READ_SCHEMA)
+                        table = self._table([(f"{base}:row {i + k + 1}", obj, None) for k, obj in enumerate(batch.to_pylist())])
                     i += batch.num_rows
                     yield table
-            except (OSError, EOFError, pa.ArrowException) as e:
-                err = f"file is truncated or corrupt: {type(e).__name__}: {e}"
-                yield pa.Table.from_pylist([to_record(None, "pairs", f"{base}:end", err)], schema=READ_SCHEMA)
+            except READ_ERRORS as e:
+                yield self._table([_broken(base, e)])
 
     return PairsDatasource
 
