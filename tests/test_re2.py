@@ -21,6 +21,7 @@ from trace_ray.policy.re2 import (
     re2_compiles,
     translate,
 )
+from trace_ray.policy.vector import SENTINEL, compiled_regex, compiled_set
 
 PATTERNS = [
     (r"(?m)^\s*(?:step\s*)?[1-9][.)]\s+\w", regex.I | regex.S),
@@ -84,7 +85,8 @@ def test_compact_classes_agree_without_non_ascii_word_characters():
 def test_translation_matches_the_regex_module(pattern, flags, texts):
     """Per text: RE2's match of group m equals regex's match (exact), or is one whenever regex has
     one (superset); texts with a non-ASCII word character are excluded where the translation
-    says so (RE2's ASCII \\b, compact classes)."""
+    says so (RE2's ASCII \\b, compact classes). Both RE2 builds: Arrow's kernel (compact and
+    Unicode) and google-re2 (the set's verdict per text and the Unicode match text)."""
     tr = translate(pattern, flags)
     assert re2_compiles(tr.unicode) is None and re2_compiles(tr.compact) is None
     arr = pa.array(texts, pa.string())
@@ -100,8 +102,19 @@ def test_translation_matches_the_regex_module(pattern, flags, texts):
                 continue
             g = m[i] if valid[i] else None
             assert (w is None or g is not None) if tr.superset else g == w, (variant, texts[i], w, g)
-        loose = pc.match_substring_regex(arr, getattr(tr, f"loose_{variant}")).to_pylist()
-        assert all(loose[i] for i, w in enumerate(want) if w is not None and not (variant == "compact" and has_naw[i]))
+    loose = pc.match_substring_regex(arr, tr.loose_unicode).to_pylist()
+    assert all(loose[i] for i, w in enumerate(want) if w is not None)
+    one_set, search = compiled_set((SENTINEL, tr.unicode, tr.loose_unicode)), compiled_regex(tr.unicode).search
+    for i, (text, w) in enumerate(zip(texts, want)):
+        found = one_set.Match(text.encode())
+        assert found is not None and 0 in found  # the sentinel
+        if w is not None:
+            assert 2 in found, text  # the loose form: a superset
+        if tr.boundary and has_naw[i]:
+            continue
+        g = (m := search(text)) and m.group("m")
+        assert (1 in found) == (g is not None), text
+        assert (w is None or g is not None) if tr.superset else g == w, ("google-re2", text, w, g)
 
 
 def test_relaxations_are_reported():

@@ -170,7 +170,8 @@ def test_time_bound_errors_are_the_same_on_both_paths():
 
 
 def test_mostly_non_english_batch_uses_the_unicode_patterns(tmp_path):
-    """Batches where many rows hold non-ASCII word characters run the exact Unicode classes."""
+    """Rows holding non-ASCII word characters are decided by the exact Unicode classes (their
+    match text found row by row), and only a ``\\b`` rule's candidates among them go row-wise."""
     tokens = ["über", "Straße", "café", "naïve", "gun", "日本語", "first, you", "then", "1. ", "kill", "\u212aILL", " "]
     policy = load_policy(EDGE_POLICY)
     records = _records(generated(600, seed=2, tokens=tokens), tmp_path)
@@ -178,8 +179,49 @@ def test_mostly_non_english_batch_uses_the_unicode_patterns(tmp_path):
     import pyarrow.compute as pc
 
     naw = pc.match_substring_regex(pa.array([r["chosen"] for r in records]), non_ascii_word_class())
-    assert pc.mean(naw.cast("int8")).as_py() > 0.5  # well above the compact patterns' 5 %
+    assert pc.mean(naw.cast("int8")).as_py() > 0.5
     assert_same(*both_paths(policy, records))
+
+
+def test_a_text_the_set_gives_up_on_is_decided_row_wise(monkeypatch, hh_path):
+    """RE2's set answers nothing, not even its sentinel, when its DFA runs out of memory: such
+    texts (here every third one, forced) get the reference's verdicts and reasons."""
+    from trace_ray.policy import vector
+
+    policy = load_policy(HH_POLICY)
+    records = list(iter_records(hh_path, "hh"))[:600]
+    real = vector.compiled_set
+    calls = []
+
+    class GivesUp:
+        def __init__(self, s):
+            self.s = s
+
+        def Match(self, text):
+            calls.append(1)
+            return None if len(calls) % 3 == 0 else self.s.Match(text)
+
+    monkeypatch.setattr(vector, "compiled_set", lambda patterns: GivesUp(real(patterns)))
+    want, got = both_paths(policy, records)
+    assert len(calls) >= 1000  # both responses of (nearly) every row went through the set
+    assert_same(want, got)
+    assert {r["category"] for r in got} >= {"retain", "invert", "punish"}
+
+
+def test_rules_that_do_not_fit_one_set_run_on_the_regex_engine(monkeypatch, hh_path):
+    """Each pattern compiles, but the policy's RE2 rules together exceed the set's memory budget:
+    they are planned on the ``regex`` engine (exact), and the note says why."""
+    from trace_ray.policy import vector
+
+    monkeypatch.setattr(vector, "SET_MAX_MEM", 512 << 10)  # enough for each pattern, not for all of them
+    vector.compiled_set.cache_clear()
+    try:
+        policy = load_policy(HH_POLICY)
+    finally:
+        vector.compiled_set.cache_clear()
+    assert {k: v["engine"] for k, v in policy.engines.items()} == {r.name: "regex" for r in policy.rules}
+    assert all("do not fit one RE2 set" in v["note"] for v in policy.engines.values())
+    assert_same(*both_paths(policy, list(iter_records(hh_path, "hh"))[:300]))
 
 
 def test_mode_all_and_judge_answers():

@@ -1,8 +1,9 @@
-"""Python ``regex`` patterns → RE2 patterns for Arrow's kernels (``pyarrow.compute.extract_regex``).
+"""Python ``regex`` patterns → RE2 patterns with the same matches.
 
 A rule's meaning is the ``regex`` module's (the row-wise path, ``rules.decide``). The vectorised
-path runs RE2 over a whole Arrow column instead, so a pattern is translated here into RE2 syntax
-with the SAME matches. How equality is kept:
+path (``trace_ray.policy.vector``) runs RE2 instead: one RE2 set (google-re2) over every text,
+then the match text on the rows that hit (Arrow's ``extract_regex`` kernel), so a pattern is
+translated here into RE2 syntax with the SAME matches. How equality is kept:
 
 - **Characters.** Every single-character item (a literal, a class ``[...]``, ``.``, ``\w`` ...,
   under the case-insensitive and dot-all flags in force) becomes an explicit RE2 class of
@@ -20,10 +21,11 @@ with the SAME matches. How equality is kept:
   atomic groups, possessive or over-long repetition) is relaxed to something that matches MORE
   (``Translation.superset``): RE2's hits are then only candidates, confirmed row-wise.
 
-Each pattern comes four ways (:class:`Translation`): with exact Unicode classes or with *compact*
+Each pattern comes three ways (:class:`Translation`): with exact Unicode classes, with *compact*
 ones (classes plus or minus the non-ASCII word characters, whichever is smaller: equal on texts
-without such characters, and far cheaper for RE2 to compile per batch), each with the group ``m``
-or as a *loose* prefilter (no group, ``\b`` dropped: a superset).
+without such characters, and far cheaper for Arrow's RE2 to compile per batch), and *loose* (Unicode
+classes, no group, ``\b`` dropped: a superset, which tells where a ``\b`` rule may match a text
+whose word characters RE2's ASCII ``\b`` does not know).
 
 Patterns RE2 cannot express (back-references, conditionals, ``\p{..}``, anything Python's own
 ``re`` parser rejects) raise :class:`Untranslatable`, and so do the shapes that make a
@@ -65,13 +67,12 @@ class Untranslatable(ValueError):
 
 @dataclass(frozen=True)
 class Translation:
-    """One pattern in RE2 syntax, four ways (groups ``m`` span the ``regex`` module's match):
+    """One pattern in RE2 syntax, three ways (groups ``m`` span the ``regex`` module's match):
 
     - ``unicode``: exact Unicode classes — equal to ``regex`` on every text (when neither flag below);
     - ``compact``: classes reduced to what matters on texts WITHOUT a non-ASCII word character
       (far smaller to compile; equal to ``regex`` on such texts only);
-    - ``loose_unicode`` / ``loose_compact``: no group, ``\\b``/``\\B`` dropped — prefilters matching a
-      superset (of every text / of texts without non-ASCII word characters).
+    - ``loose_unicode``: no group, ``\\b``/``\\B`` dropped — matches a superset of every text's.
 
     ``boundary``: uses ``\\b``/``\\B`` (RE2's are ASCII: equal to ``regex``'s only on texts without a
     non-ASCII word character). ``superset``: something was relaxed; RE2 hits must be confirmed.
@@ -80,7 +81,6 @@ class Translation:
     unicode: str
     compact: str
     loose_unicode: str
-    loose_compact: str
     boundary: bool
     superset: bool
 
@@ -154,6 +154,7 @@ def non_ascii_word() -> tuple[tuple[int, int], ...]:
     return tuple((max(lo, 0x80), hi) for lo, hi in charset(r"\w") if hi >= 0x80)
 
 
+@functools.lru_cache(maxsize=1)
 def non_ascii_word_class() -> str:
     """RE2 class of :func:`non_ascii_word`: a text holding none of them has the same word
     characters (and word boundaries) under RE2's ASCII rules and under ``regex``."""
@@ -373,8 +374,7 @@ def translate(pattern: str, flags: int = 0) -> Translation:
         raise Untranslatable("an unbounded repetition of a repetition or alternation "
                              "(catastrophic backtracking possible): kept on the regex engine and its time bound")
     out = {}
-    for key, compact, loose in (("unicode", False, False), ("compact", True, False),
-                                ("loose_unicode", False, True), ("loose_compact", True, True)):
+    for key, compact, loose in (("unicode", False, False), ("compact", True, False), ("loose_unicode", False, True)):
         em = _Emitter(compact, loose)
         out[key] = em.pattern(tree)
     return Translation(**out, boundary=em.boundary, superset=em.superset)

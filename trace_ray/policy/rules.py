@@ -53,7 +53,7 @@ class Rule:
     target: str = "response"
     description: str = ""
     line: int | None = None  # line in the policy file, for messages
-    plan: Any = field(default=None, repr=False, compare=False)  # vectorised engine (policy.vector.plan_rule)
+    plan: Any = field(default=None, repr=False, compare=False)  # vectorised engine (policy.vector.plan_rules)
 
     def text(self, prompt: str, response: str) -> str:
         return prompt if self.target == "prompt" else response

@@ -239,10 +239,9 @@ def _build(data: dict, where: str, lines: dict) -> Policy:
         rules.append(rule)
     if sum(r.kind == "judge" for r in rules) > 1:
         raise fail("at most one judge rule per policy (put all criteria in its description)", "rules")
-    from trace_ray.policy.vector import plan_rule
+    from trace_ray.policy.vector import plan_rules
 
-    for rule in rules:  # the vectorised engine of each rule is decided here, once
-        rule.plan = plan_rule(rule)
+    plan_rules(rules)  # the vectorised engine of each rule is decided here, once
     return Policy(name, version, description, mode, rules, _plain(data))
 
 

@@ -6,18 +6,19 @@ predicates, the callable, the judge answer) and two ways to execute it:
 - **row-wise** — ``Policy.check`` / ``trace_ray.triage.triage_records``: ``decide`` per response.
   The reference; the HTTP server's ``/v1/triage`` uses it.
 - **vectorised** — :func:`check_columns` (what ``run_triage`` runs on Ray Data): each rule over
-  the whole batch on the engine chosen when the policy loads (:func:`plan_rule`, reported in
+  the whole batch on the engine chosen when the policy loads (:func:`plan_rules`, reported in
   ``summary.json["engines"]``), falling back to ``decide`` for exactly the rows the engine cannot
   settle:
 
   ========  =======================================================================================
-  ``re2``   regex / keywords rules whose patterns translate (``trace_ray.policy.re2``): one RE2
-            pass (``pyarrow.compute``) over each text with all such rules' patterns as a
-            prefilter, then each pattern's match text (``extract_regex``) on the rows it kept.
-            The compact classes are used unless over 5 % of a batch's texts hold a non-ASCII word
-            character (then the full-Unicode ones); rows where the translation in use is not
-            exact (such texts under compact classes or ``\\b``; an RE2 hit of a relaxed,
-            ``superset`` pattern) are decided row-wise.
+  ``re2``   regex / keywords rules whose patterns translate (``trace_ray.policy.re2``): ONE pass
+            of an RE2 set (google-re2's ``re2.Set``: one DFA, every pattern's verdict) over each
+            text, with the exact Unicode translations of all such rules' patterns, the non-ASCII
+            word characters and a sentinel; then each pattern's match text on the rows it hit
+            only (Arrow's ``extract_regex`` with the compact classes; Unicode ones, row by row,
+            on texts with non-ASCII word characters). Decided row-wise: a text with such
+            characters where a ``\\b`` rule may match (RE2's ``\\b`` is ASCII), an RE2 hit of a
+            relaxed (``superset``) pattern, a text the set gave up on (no sentinel).
   ``regex`` regex / keywords rules RE2 cannot take (back-references, ``(a|aa)+``-style shapes ...):
             ``decide`` per row, with the ``regex`` module's time bound.
   ``arrow`` meta rules: the batch's ``meta`` JSON is parsed by Arrow into typed columns and the
@@ -36,6 +37,7 @@ shapes that make a backtracking engine explode stay on ``regex``, so the two pat
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -45,7 +47,8 @@ import numpy as np
 from trace_ray.policy.rules import CallableRule, JudgeRule, KeywordsRule, MetaRule, RegexRule, Rule, decide
 
 HIT, MISS, UNDECIDED = 1, 0, 2
-NAW_FRACTION = 0.05  # above this share of rows with non-ASCII word characters: unicode patterns
+SENTINEL = r"\z"  # first pattern of every RE2 set: it matches every text, so an empty answer is a failure
+SET_MAX_MEM = 64 << 20  # RE2 memory budget of one set (compiled program + DFA cache), per process
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +80,22 @@ class Plan:
         return d
 
 
+def plan_rules(rules: list[Rule]) -> None:
+    """Choose the engine of every rule (``rule.plan``; called once, when the policy loads). The
+    RE2 rules of one target run as one RE2 set; if that set does not compile within
+    ``SET_MAX_MEM``, those rules fall back to the ``regex`` engine (exact, slower)."""
+    for rule in rules:
+        rule.plan = plan_rule(rule)
+    for target in {r.target for r in rules if r.plan.engine == "re2"}:
+        err = set_error(set_patterns(rules, target))
+        if err:
+            for r in rules:
+                if r.plan.engine == "re2" and r.target == target:
+                    r.plan = Plan("regex", f"the RE2 rules on the {target} do not fit one RE2 set ({err})")
+
+
 def plan_rule(rule: Rule) -> Plan:
-    """Choose the engine of one rule (called when the policy loads)."""
+    """Choose the engine of one rule on its own."""
     if isinstance(rule, RegexRule):  # KeywordsRule too: its compiled pattern is translated alike
         from trace_ray.policy.re2 import Untranslatable, re2_compiles, translate
 
@@ -88,7 +105,8 @@ def plan_rule(rule: Rule) -> Plan:
                 tr = translate(compiled.pattern, compiled.flags)
             except Untranslatable as e:
                 return Plan("regex", f"pattern {compiled.pattern[:60]!r}: {e}")
-            err = re2_compiles(tr.unicode) or re2_compiles(tr.compact)
+            err = (re2_compiles(tr.unicode) or re2_compiles(tr.compact)
+                   or set_error((SENTINEL, tr.unicode, tr.loose_unicode)))
             if err:
                 return Plan("regex", f"pattern {compiled.pattern[:60]!r}: RE2 cannot compile its translation ({err})")
             out.append(tr)
@@ -98,6 +116,47 @@ def plan_rule(rule: Rule) -> Plan:
     if isinstance(rule, JudgeRule):
         return Plan("python", "judge answers parsed per row")
     return Plan("python")
+
+
+def set_patterns(rules: list[Rule], target: str) -> tuple[str, ...]:
+    """The RE2 set of the ``re2`` rules reading ``target``: the sentinel, the non-ASCII word
+    characters, then each pattern's exact Unicode translation (and, where it uses ``\\b``, its
+    loose form), in rule order, without repeats."""
+    from trace_ray.policy.re2 import non_ascii_word_class
+
+    pats = [SENTINEL, non_ascii_word_class()]
+    for r in rules:
+        if r.plan.engine == "re2" and r.target == target:
+            for tr in r.plan.translations:
+                pats += [tr.unicode, tr.loose_unicode] if tr.boundary else [tr.unicode]
+    return tuple(dict.fromkeys(pats))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_set(patterns: tuple[str, ...]):
+    """An unanchored ``re2.Set`` of ``patterns`` (compiled once per process); ``Match(bytes)``
+    returns the indices of every pattern the text matches, or None."""
+    import re2
+
+    opts = re2.Options()
+    opts.max_mem = SET_MAX_MEM
+    opts.log_errors = False
+    s = re2.Set.SearchSet(opts)
+    for p in patterns:
+        s.Add(p)
+    s.Compile()
+    return s
+
+
+def set_error(patterns: tuple[str, ...]) -> str | None:
+    """None when ``patterns`` compile as one RE2 set, else why not."""
+    import re2
+
+    try:
+        compiled_set(patterns)
+    except re2.error as e:
+        return str(e)[:200]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +234,7 @@ def check_columns(policy, side: Side) -> tuple[np.ndarray, dict[int, list[str]]]
     combination, vectorised)."""
     n = len(side.active)
     states, infos = [], []
-    scans = _prefilter(policy, side)
+    scans = _scan(policy, side)
     for rule in policy.rules:
         state = np.zeros(n, dtype=np.int8)
         info: dict[int, str] = {}
@@ -210,75 +269,106 @@ def check_columns(policy, side: Side) -> tuple[np.ndarray, dict[int, list[str]]]
 
 @dataclass
 class _Scan:
-    """Per side and target text: ``naw`` rows holding a non-ASCII word character; ``compact``:
-    whether the compact patterns are used (then the ``naw`` rows are decided row-wise); ``rows``:
-    the rows the prefilter (all RE2 rules' patterns, loose) matched — the only rows scanned again —
-    and ``sub`` their texts."""
+    """The policy's RE2 set run once over one target text (response or prompt) of every active row.
 
+    ``texts``: those texts; ``naw``: rows holding a non-ASCII word character; ``failed``: rows the
+    set gave up on (its DFA ran out of memory: no sentinel), decided row-wise; ``hits``: per set
+    pattern (:func:`set_patterns`), the rows it matches (absent: none)."""
+
+    texts: Any
     naw: np.ndarray
-    compact: bool
-    rows: np.ndarray
-    sub: Any
+    failed: np.ndarray
+    hits: dict[str, np.ndarray]
+
+    def hit(self, pattern: str) -> np.ndarray:
+        return self.hits[pattern] if pattern in self.hits else np.zeros(len(self.naw), dtype=bool)
 
 
-def _prefilter(policy, side: Side) -> dict[str, _Scan]:
-    """One RE2 pass over every text: the union of all RE2 rules' loose patterns and of the
-    non-ASCII word characters. Rows it does not match cannot hit any RE2 rule."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from trace_ray.policy.re2 import non_ascii_word_class
-
+def _scan(policy, side: Side) -> dict[str, _Scan]:
+    """Every RE2 rule's patterns over every active text in ONE pass per target (an RE2 set:
+    one DFA reports all the patterns a text matches)."""
     out = {}
+    n = len(side.active)
+    rows = np.flatnonzero(side.active).tolist()
     for target in {r.target for r in policy.rules if r.plan.engine == "re2"}:
         texts = side.prompts if target == "prompt" else side.responses
-        trs = [t for r in policy.rules if r.plan.engine == "re2" and r.target == target for t in r.plan.translations]
-        naw_class = non_ascii_word_class()
-        either = _mask(pc.match_substring_regex(texts, "|".join([naw_class] + [t.loose_compact for t in trs])))
-        either &= side.active
-        rows = np.flatnonzero(either)
-        naw = np.zeros(len(either), dtype=bool)
-        if rows.size:
-            naw[rows] = _mask(pc.match_substring_regex(texts.take(pa.array(rows)), naw_class))
-        compact = bool(naw.sum() <= NAW_FRACTION * max(1, side.active.sum()))
-        if compact:  # a row of `either` without such characters matched a loose pattern
-            cand = either & ~naw
-        else:  # many non-ASCII words (another language): exact unicode classes everywhere
-            cand = _mask(pc.match_substring_regex(texts, "|".join(t.loose_unicode for t in trs))) & side.active
-        rows = np.flatnonzero(cand)
-        out[target] = _Scan(naw, compact, rows, texts.take(pa.array(rows)) if rows.size else None)
+        patterns = set_patterns(policy.rules, target)
+        match = compiled_set(patterns).Match
+        data, off = _utf8(texts)
+        failed = np.zeros(n, dtype=bool)
+        per: list[list[int]] = [[] for _ in patterns]
+        for i in rows:
+            found = match(data[off[i]: off[i + 1]])
+            if found is None:  # the sentinel matches every text: nothing back means the DFA gave up
+                failed[i] = True
+            elif len(found) > 1:
+                for k in found:
+                    per[k].append(i)
+        hits = {}
+        for pattern, hit_rows in zip(patterns[1:], per[1:]):
+            if hit_rows:
+                hits[pattern] = np.zeros(n, dtype=bool)
+                hits[pattern][hit_rows] = True
+        naw = hits.pop(patterns[1], np.zeros(n, dtype=bool))
+        out[target] = _Scan(texts, naw, failed, hits)
     return out
 
 
+def _utf8(texts) -> tuple[memoryview, list[int]]:
+    """A string array's UTF-8 data buffer and the byte offsets of its rows in it (no copy)."""
+    import pyarrow as pa
+
+    _, offsets, data = texts.buffers()
+    width = np.int64 if texts.type == pa.large_string() else np.int32
+    off = np.frombuffer(offsets, dtype=width)[texts.offset: texts.offset + len(texts) + 1].tolist()
+    return (memoryview(data) if data is not None else memoryview(b"")), off
+
+
 def _re2(rule: RegexRule, scan: _Scan, side: Side, state: np.ndarray, info: dict) -> None:
-    """Each pattern's match on the candidate rows (the first pattern that matches decides, as
-    row-wise); rows RE2 cannot settle exactly go to ``decide``."""
+    """The set's hits of each pattern (the first pattern that matches decides, as row-wise), with
+    the match text found on those rows only; rows RE2 cannot settle exactly go to ``decide``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     plan = rule.plan
     word = "keyword" if isinstance(rule, KeywordsRule) else "matched"
-    if scan.compact:  # compact classes are exact only without non-ASCII word characters
-        todo = scan.naw.copy()
-    elif plan.boundary:  # unicode classes: only RE2's ASCII \b can differ, on a candidate row
-        todo = np.zeros(len(state), dtype=bool)
-        todo[scan.rows] = scan.naw[scan.rows]
-    else:
-        todo = np.zeros(len(state), dtype=bool)
-    if scan.rows.size:
-        open_ = ~todo[scan.rows]
+    todo = scan.failed.copy()
+    if plan.boundary:  # RE2's \b is ASCII: texts with a non-ASCII word character that may match
+        maybe = np.zeros(len(state), dtype=bool)
         for tr in plan.translations:
-            found = pc.extract_regex(scan.sub, tr.compact if scan.compact else tr.unicode)  # null: no match
-            hit = _mask(pc.is_valid(found)) & open_
-            open_ &= ~hit
-            if plan.superset:  # relaxed somewhere: RE2's hit is only a candidate
-                todo[scan.rows[hit]] = True
-                continue
-            k = np.flatnonzero(hit)
-            for i, m in zip(scan.rows[k].tolist(), found.field("m").take(pa.array(k)).to_pylist()):
+            maybe |= scan.hit(tr.loose_unicode if tr.boundary else tr.unicode)
+        todo |= scan.naw & maybe
+    open_ = side.active & ~todo
+    for tr in plan.translations:
+        hit = scan.hit(tr.unicode) & open_
+        open_ &= ~hit
+        if plan.superset:  # relaxed somewhere: RE2's hit is only a candidate
+            todo |= hit
+            continue
+        rows = np.flatnonzero(hit)
+        plain, naw = rows[~scan.naw[rows]], rows[scan.naw[rows]]
+        # the match text (group m = the regex module's m.group(0)): compact classes are exact on
+        # texts without a non-ASCII word character (Arrow's kernel, all those rows at once); the
+        # few others: the Unicode pattern, compiled once per process, row by row
+        found = pc.extract_regex(scan.texts.take(pa.array(plain)), tr.compact).field("m").to_pylist() if plain.size else []
+        if naw.size:
+            search = compiled_regex(tr.unicode).search
+            found += [(m := search(scan.texts[i].as_py())) and m.group("m") for i in naw.tolist()]
+        for i, m in zip(np.concatenate([plain, naw]).tolist(), found):
+            if m is None:  # the set's RE2 and this one disagree (never seen): the reference decides
+                todo[i] = True
+            else:
                 state[i] = HIT
                 info[i] = f"{word} {m[:60]!r}"
     side.rowwise(rule, np.flatnonzero(todo), state, info)
+
+
+@functools.lru_cache(maxsize=256)
+def compiled_regex(pattern: str):
+    """``re2.compile(pattern)``, once per process."""
+    import re2
+
+    return re2.compile(pattern)
 
 
 def _mask(arr) -> np.ndarray:
