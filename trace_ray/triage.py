@@ -51,11 +51,14 @@ def triage_table(policy: Policy, table) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from trace_ray.data.columnar import contiguous
     from trace_ray.policy.vector import Side, check_columns, meta_fields, parse_side_meta, side_meta_rows
 
+    if isinstance(table, pa.Table) and len(chunks := table.to_batches()) > 1:  # Ray Data joins read blocks:
+        return pa.concat_tables([triage_table(policy, pa.Table.from_batches([b])) for b in chunks])  # no copy
     n = table.num_rows
     names = table.column_names
-    col = {k: (table[k].combine_chunks() if k in names else pa.nulls(n, pa.string())) for k in
+    col = {k: (contiguous(table[k]) if k in names else pa.nulls(n, pa.string())) for k in
            ("id", "prompt", "chosen", "rejected", "meta", "_error")}
     errors = _row_errors(col, n)
     active = np.array([e is None for e in errors], dtype=bool)
@@ -77,10 +80,15 @@ def triage_table(policy: Policy, table) -> Any:
                          [cat["unresolved"], cat["retain"], cat["invert"], cat["punish"]], cat["unresolved"])
     plain = json.dumps({"chosen": [], "rejected": []})
     out_reasons = [plain] * n
+    texts: dict[tuple, str] = {}  # the same reasons recur (a keyword, a rule): their JSON once
     for i in np.flatnonzero(~active | (cv != 0) | (rv != 0)).tolist():
-        out_reasons[i] = json.dumps({"error": errors[i]} if errors[i] is not None else
-                                    {"chosen": reasons["chosen"].get(i, []), "rejected": reasons["rejected"].get(i, [])},
-                                    ensure_ascii=False)
+        if errors[i] is not None:
+            out_reasons[i] = json.dumps({"error": errors[i]}, ensure_ascii=False)
+            continue
+        key = (tuple(reasons["chosen"].get(i, ())), tuple(reasons["rejected"].get(i, ())))
+        if key not in texts:
+            texts[key] = json.dumps({"chosen": list(key[0]), "rejected": list(key[1])}, ensure_ascii=False)
+        out_reasons[i] = texts[key]
     ids = col["id"]
     missing = np.flatnonzero(~pc.fill_null(pc.not_equal(ids, ""), False).to_numpy(zero_copy_only=False))
     if missing.size:  # a given id is kept, else the hash of the texts (as ``_norm``)

@@ -21,23 +21,28 @@ import pyarrow.json as pa_json
 PLAIN_COLUMNS = {"prompt", "chosen", "rejected", "id"}
 
 
+def contiguous(col) -> pa.Array:
+    """One array of a column: its only chunk as is (``combine_chunks`` would copy it)."""
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def utf8_rows(arr) -> tuple[memoryview, list[int]]:
+    """A string array's UTF-8 data buffer and the byte offsets of its rows in it (no copy): row i
+    is ``data[off[i]:off[i + 1]]``."""
+    _, offsets, data = arr.buffers()
+    width = np.int64 if arr.type == pa.large_string() else np.int32
+    off = np.frombuffer(offsets, dtype=width)[arr.offset: arr.offset + len(arr) + 1].tolist()
+    return (memoryview(data) if data is not None else memoryview(b"")), off
+
+
 def row_ids(prompt, chosen, rejected) -> pa.Array:
     """``schema.row_id`` of every row, hashed from the UTF-8 bytes in the Arrow buffers (no nulls)."""
-    cols = []
-    for arr in (prompt, chosen, rejected):
-        arr = arr.cast(pa.large_string()) if arr.type == pa.string() else arr
-        _, offsets, data = arr.buffers()
-        off = np.frombuffer(offsets, dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1].tolist()
-        cols.append((memoryview(data) if data is not None else memoryview(b""), off))
-    out = []
-    sep = b"\x1f"
-    for i in range(len(prompt)):
-        h = hashlib.sha256()
-        for data, off in cols:
-            h.update(data[off[i]: off[i + 1]])
-            h.update(sep)
-        out.append(h.hexdigest()[:16])
-    return pa.array(out, pa.string())
+    (pd, po), (cd, co), (rd, ro) = (utf8_rows(a) for a in (prompt, chosen, rejected))
+    sep, sha = b"\x1f", hashlib.sha256
+    return pa.array([sha(b"".join((pd[po[i]: po[i + 1]], sep, cd[co[i]: co[i + 1]], sep, rd[ro[i]: ro[i + 1]], sep)))
+                     .hexdigest()[:16] for i in range(len(prompt))], pa.string())
 
 
 def maybe_blank(arr) -> np.ndarray:
@@ -64,10 +69,11 @@ def plain_json_block(lines: list[bytes], schema: pa.Schema):
     None when any line might read differently from Python's ``json`` line by line (then the
     line reader decides): a line Arrow rejects (other keys, a non-string value, a duplicate key, a
     lone surrogate escape, bad JSON), bytes that are not UTF-8 (Arrow does not check them), a byte
-    order mark (Arrow skips it, Python's ``json`` refuses it), a line holding two objects (the row
+    order mark first (Arrow skips it there, Python's ``json`` refuses it), a line holding two objects (the row
     count differs), or a row ``plain_pairs_table`` refuses (nulls, blanks, a conversation)."""
+    rows = sum(1 for raw in lines if raw.strip())
     data = b"\n".join(lines)
-    if not data.strip() or b"\xef\xbb\xbf" in data:
+    if not rows or data.startswith(b"\xef\xbb\xbf"):  # Arrow refuses a BOM anywhere else
         return None
     try:
         table = pa_json.read_json(pa.py_buffer(data), parse_options=_JSON_PARSE,
@@ -75,7 +81,7 @@ def plain_json_block(lines: list[bytes], schema: pa.Schema):
         table.validate(full=True)  # the UTF-8 of every string, which the parser does not check
     except pa.ArrowInvalid:
         return None
-    if table.num_rows != sum(1 for raw in lines if raw.strip()):
+    if table.num_rows != rows:
         return None
     return plain_pairs_table(table, schema)
 
@@ -89,7 +95,7 @@ def plain_pairs_table(batch, schema: pa.Schema):
     cols = {k: batch.column(k) for k in names}
     if any(not (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)) for c in cols.values()):
         return None
-    cols = {k: (c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c).cast(pa.string()) for k, c in cols.items()}
+    cols = {k: contiguous(c).cast(pa.string()) for k, c in cols.items()}
     if cols["prompt"].null_count or _blank(cols["chosen"]) or _blank(cols["rejected"]):
         return None
     if pc.any(pc.match_substring(cols["prompt"], "[{")).as_py():  # maybe a conversation's JSON

@@ -48,20 +48,27 @@ def _kind(name: str) -> str:
     return "jsonl"
 
 
-def _lines(stream) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of a binary stream, read in 1 MiB chunks."""
-    tail, lineno = b"", 0
+def _line_chunks(stream) -> Iterator[list[bytes]]:
+    """The raw lines of a binary stream, a list per 1 MiB read (the last line may lack its ``\\n``)."""
+    tail = b""
     while True:
         chunk = stream.read(1 << 20)
         if not chunk:
             break
         parts = (tail + chunk).split(b"\n")
         tail = parts.pop()
-        for raw in parts:
+        yield parts
+    if tail:
+        yield [tail]
+
+
+def _lines(stream) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of a binary stream."""
+    lineno = 0
+    for chunk in _line_chunks(stream):
+        for raw in chunk:
             lineno += 1
             yield lineno, raw
-    if tail:
-        yield lineno + 1, tail
 
 
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # the escape of a surrogate code point
@@ -276,26 +283,26 @@ def _datasource_cls():
             ``iter_objects``: the same records, locations and errors)."""
             from trace_ray.data.columnar import plain_json_block
 
-            base, lines = os.path.basename(path), []
+            base, lines, first = os.path.basename(path), [], 1  # first: the line number of lines[0]
 
-            def block(end=None) -> pa.Table:
-                table = plain_json_block([raw for _, raw in lines], READ_SCHEMA) if end is None else None
+            def block(lines: list[bytes], first: int, end=None) -> pa.Table:
+                table = plain_json_block(lines, READ_SCHEMA) if end is None else None
                 if table is None:
-                    items = [it for n, raw in lines if (it := _line_object(base, n, raw)) is not None]
+                    items = [it for n, raw in enumerate(lines, first) if (it := _line_object(base, n, raw)) is not None]
                     table = self._table(items + ([end] if end else []))
                 return table
 
             try:
-                for line in _lines(f):
-                    lines.append(line)
-                    if len(lines) >= self._rows:
-                        if (table := block()).num_rows:
+                for chunk in _line_chunks(f):
+                    lines += chunk
+                    while len(lines) >= self._rows:
+                        if (table := block(lines[: self._rows], first)).num_rows:
                             yield table
-                        lines = []
+                        lines, first = lines[self._rows:], first + self._rows
             except READ_ERRORS as e:
-                yield block(_broken(base, e))
+                yield block(lines, first, _broken(base, e))
                 return
-            if lines and (table := block()).num_rows:
+            if lines and (table := block(lines, first)).num_rows:
                 yield table
 
         def _columnar(self, f, path: str):

@@ -287,6 +287,8 @@ class _Scan:
 def _scan(policy, side: Side) -> dict[str, _Scan]:
     """Every RE2 rule's patterns over every active text in ONE pass per target (an RE2 set:
     one DFA reports all the patterns a text matches)."""
+    from trace_ray.data.columnar import utf8_rows
+
     out = {}
     n = len(side.active)
     rows = np.flatnonzero(side.active).tolist()
@@ -294,7 +296,7 @@ def _scan(policy, side: Side) -> dict[str, _Scan]:
         texts = side.prompts if target == "prompt" else side.responses
         patterns = set_patterns(policy.rules, target)
         match = compiled_set(patterns).Match
-        data, off = _utf8(texts)
+        data, off = utf8_rows(texts)
         failed = np.zeros(n, dtype=bool)
         per: list[list[int]] = [[] for _ in patterns]
         for i in rows:
@@ -312,16 +314,6 @@ def _scan(policy, side: Side) -> dict[str, _Scan]:
         naw = hits.pop(patterns[1], np.zeros(n, dtype=bool))
         out[target] = _Scan(texts, naw, failed, hits)
     return out
-
-
-def _utf8(texts) -> tuple[memoryview, list[int]]:
-    """A string array's UTF-8 data buffer and the byte offsets of its rows in it (no copy)."""
-    import pyarrow as pa
-
-    _, offsets, data = texts.buffers()
-    width = np.int64 if texts.type == pa.large_string() else np.int32
-    off = np.frombuffer(offsets, dtype=width)[texts.offset: texts.offset + len(texts) + 1].tolist()
-    return (memoryview(data) if data is not None else memoryview(b"")), off
 
 
 def _re2(rule: RegexRule, scan: _Scan, side: Side, state: np.ndarray, info: dict) -> None:
