@@ -234,6 +234,10 @@ EDGE_LINES = [  # JSON lines that Arrow's parser and Python's json could read di
     b'{"prompt":"extra","chosen":"b","rejected":"c","source":"x"}',
     b'{"prompt":"blank","chosen":" ","rejected":"c"}',
     b'{"prompt":"crlf","chosen":"b","rejected":"c"}\r',
+    b'', b'\r',  # blank lines: Python skips them
+    # a line of two objects next to a blank line: as many rows as lines, yet not one per line
+    b'{"prompt":"two2","chosen":"b","rejected":"c"}{"prompt":"y","chosen":"b","rejected":"c"}\n',
+    b' \t\n{"prompt":"two3","chosen":"b","rejected":"c"} {"prompt":"z","chosen":"b","rejected":"c"}',
 ]
 
 
@@ -250,7 +254,7 @@ def test_arrow_json_blocks_read_every_line_as_python_does(tmp_path):
     src = _datasource_cls().__new__(_datasource_cls())
     src._fmt, src._pku_chosen, src._keys, src._rows = "pairs", "better", None, 4
     for i, edge in enumerate(EDGE_LINES):
-        fast = plain_json_block([edge] + plain[:3], READ_SCHEMA)
+        fast = plain_json_block(edge.split(b"\n") + plain[:3], READ_SCHEMA)
         path = tmp_path / f"edge{i}.jsonl"  # the edge line opens the second block of 4 lines
         path.write_bytes(b"\n".join(plain[:4] + [edge] + plain[4:]) + b"\n")
         with open(path, "rb") as f:
@@ -260,6 +264,12 @@ def test_arrow_json_blocks_read_every_line_as_python_does(tmp_path):
         if fast is not None:  # Arrow read this block: its rows must be the line reader's
             by_prompt = {r["prompt"]: r for r in want}
             assert [by_prompt.get(r["prompt"]) for r in fast.to_pylist()] == fast.to_pylist(), edge
+    for end in (b"", b"\n", b"\n\n", b"\n  ", b"\n" + plain[0]):  # how the file ends
+        path = tmp_path / "end.jsonl"
+        path.write_bytes(b"\n".join(plain[:6]) + end)
+        with open(path, "rb") as f:
+            got = pa.concat_tables(list(src._read_stream(f, str(path)))).to_pylist()
+        assert got == list(iter_records(path, "pairs")), end
     data = gzip.compress(b"".join(line + b"\n" for line in plain * 30))
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(data[: len(data) // 2])
