@@ -15,10 +15,8 @@ from trace_ray.policy.re2 import (
     Untranslatable,
     _all_chars,
     charset,
-    compact_class,
     non_ascii_word_class,
     re2_class,
-    re2_compiles,
     translate,
 )
 from trace_ray.policy.vector import SENTINEL, compiled_regex, compiled_set
@@ -69,50 +67,28 @@ def test_classes_equal_the_regex_module_on_every_code_point(py, flags, every_cha
     assert all(bool(direct.match(c)) == g for c, g in zip(_all_chars()[::211], got[::211]))
 
 
-def test_compact_classes_agree_without_non_ascii_word_characters():
-    naw = regex.compile(r"[^\x00-\x7f]").search
-    for py in (r"\w", r"\W", r"[^\s]", "."):
-        full, small = set(), set()
-        for lo, hi in charset(py):
-            full.update(range(lo, min(hi, 0x3000) + 1))
-        for lo, hi in compact_class(charset(py)):
-            small.update(range(lo, min(hi, 0x3000) + 1))
-        diff = {c for c in full ^ small if 0xD800 > c}
-        assert all(naw(chr(c)) and regex.match(r"\w", chr(c)) for c in diff), py
-
-
 @pytest.mark.parametrize("pattern,flags", PATTERNS, ids=[repr(p)[:40] for p, _ in PATTERNS])
 def test_translation_matches_the_regex_module(pattern, flags, texts):
-    """Per text: RE2's match of group m equals regex's match (exact), or is one whenever regex has
-    one (superset); texts with a non-ASCII word character are excluded where the translation
-    says so (RE2's ASCII \\b, compact classes). Both RE2 builds: Arrow's kernel (compact and
-    Unicode) and google-re2 (the set's verdict per text and the Unicode match text)."""
+    """Per text, with google-re2 as triage runs it: the set's verdict on the pattern and the match
+    of group m equal regex's match (exact), or are one whenever regex has one (superset); the
+    loose form matches wherever regex does. Texts with a non-ASCII word character are excluded
+    where the translation uses RE2's ASCII \\b."""
     tr = translate(pattern, flags)
-    assert re2_compiles(tr.unicode) is None and re2_compiles(tr.compact) is None
-    arr = pa.array(texts, pa.string())
-    has_naw = pc.match_substring_regex(arr, non_ascii_word_class()).to_pylist()
+    has_naw = [bool(regex.search(r"(?![\x00-\x7f])\w", t)) for t in texts]
     cre = regex.compile(pattern, flags)
     want = [(m.group(0) if m else None) for m in map(cre.search, texts)]
-    for variant, plain_only in (("unicode", tr.boundary), ("compact", True)):
-        got = pc.extract_regex(arr, getattr(tr, variant))
-        valid = got.is_valid().to_pylist()
-        m = got.field("m").to_pylist()
-        for i, w in enumerate(want):
-            if plain_only and has_naw[i]:
-                continue
-            g = m[i] if valid[i] else None
-            assert (w is None or g is not None) if tr.superset else g == w, (variant, texts[i], w, g)
-    loose = pc.match_substring_regex(arr, tr.loose_unicode).to_pylist()
-    assert all(loose[i] for i, w in enumerate(want) if w is not None)
-    one_set, search = compiled_set((SENTINEL, tr.unicode, tr.loose_unicode)), compiled_regex(tr.unicode).search
+    one_set, find = compiled_set((SENTINEL, tr.unicode, tr.loose_unicode)), compiled_regex(tr.unicode)
+    naw_set = compiled_set((SENTINEL, non_ascii_word_class()))
     for i, (text, w) in enumerate(zip(texts, want)):
         found = one_set.Match(text.encode())
         assert found is not None and 0 in found  # the sentinel
+        assert (1 in naw_set.Match(text.encode())) == has_naw[i], text
         if w is not None:
             assert 2 in found, text  # the loose form: a superset
         if tr.boundary and has_naw[i]:
             continue
-        g = (m := search(text)) and m.group("m")
+        raw = text.encode()
+        g = None if (span := find(raw)) is None else raw[span[0]: span[1]].decode()
         assert (1 in found) == (g is not None), text
         assert (w is None or g is not None) if tr.superset else g == w, ("google-re2", text, w, g)
 

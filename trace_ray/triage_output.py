@@ -79,7 +79,8 @@ class Summary:
         for c in CATEGORIES:  # the first few rows of each category, with their texts
             if len(self.examples[c]) < self.k:
                 first = pc.indices_nonzero(pc.equal(table["category"], c))[: self.k - len(self.examples[c])]
-                for row in table.take(first).to_pylist():
+                for row in (table.slice(i, 1).to_pylist()[0] for i in first.to_pylist()):  # no take: it
+                    # would join the chunks of every column, texts included
                     self._example(row, json.loads(row["reasons"]) if row["reasons"] != PLAIN_REASONS else {})
 
     def _example(self, row: dict, reasons: dict) -> None:

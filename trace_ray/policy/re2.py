@@ -1,9 +1,9 @@
 """Python ``regex`` patterns → RE2 patterns with the same matches.
 
 A rule's meaning is the ``regex`` module's (the row-wise path, ``rules.decide``). The vectorised
-path (``trace_ray.policy.vector``) runs RE2 instead: one RE2 set (google-re2) over every text,
-then the match text on the rows that hit (Arrow's ``extract_regex`` kernel), so a pattern is
-translated here into RE2 syntax with the SAME matches. How equality is kept:
+path (``trace_ray.policy.vector``) runs RE2 instead (google-re2: one RE2 set over every text,
+then the match text on the rows that hit), so a pattern is translated here into RE2 syntax with
+the SAME matches. How equality is kept:
 
 - **Characters.** Every single-character item (a literal, a class ``[...]``, ``.``, ``\w`` ...,
   under the case-insensitive and dot-all flags in force) becomes an explicit RE2 class of
@@ -21,11 +21,9 @@ translated here into RE2 syntax with the SAME matches. How equality is kept:
   atomic groups, possessive or over-long repetition) is relaxed to something that matches MORE
   (``Translation.superset``): RE2's hits are then only candidates, confirmed row-wise.
 
-Each pattern comes three ways (:class:`Translation`): with exact Unicode classes, with *compact*
-ones (classes plus or minus the non-ASCII word characters, whichever is smaller: equal on texts
-without such characters, and far cheaper for Arrow's RE2 to compile per batch), and *loose* (Unicode
-classes, no group, ``\b`` dropped: a superset, which tells where a ``\b`` rule may match a text
-whose word characters RE2's ASCII ``\b`` does not know).
+Each pattern comes two ways (:class:`Translation`): exact, with the group ``m``, and *loose* (no
+group, ``\\b`` dropped: a superset, which tells where a ``\\b`` rule may match a text whose word
+characters RE2's ASCII ``\\b`` does not know).
 
 Patterns RE2 cannot express (back-references, conditionals, ``\p{..}``, anything Python's own
 ``re`` parser rejects) raise :class:`Untranslatable`, and so do the shapes that make a
@@ -33,7 +31,7 @@ backtracking engine explode (an unbounded repetition of something that itself re
 alternates, e.g. ``(a|aa)+``): those rules stay on the ``regex`` module with its time bound, so
 both paths give the same ``error`` verdict when it runs out.
 
-Imports: the standard library and ``regex`` (``re2_compiles`` imports pyarrow).
+Imports: the standard library and ``regex``.
 """
 
 from __future__ import annotations
@@ -67,11 +65,10 @@ class Untranslatable(ValueError):
 
 @dataclass(frozen=True)
 class Translation:
-    """One pattern in RE2 syntax, three ways (groups ``m`` span the ``regex`` module's match):
+    """One pattern in RE2 syntax, two ways:
 
-    - ``unicode``: exact Unicode classes — equal to ``regex`` on every text (when neither flag below);
-    - ``compact``: classes reduced to what matters on texts WITHOUT a non-ASCII word character
-      (far smaller to compile; equal to ``regex`` on such texts only);
+    - ``unicode``: exact Unicode classes, the group ``m`` spanning the ``regex`` module's match —
+      equal to ``regex`` on every text (when neither flag below);
     - ``loose_unicode``: no group, ``\\b``/``\\B`` dropped — matches a superset of every text's.
 
     ``boundary``: uses ``\\b``/``\\B`` (RE2's are ASCII: equal to ``regex``'s only on texts without a
@@ -79,7 +76,6 @@ class Translation:
     """
 
     unicode: str
-    compact: str
     loose_unicode: str
     boundary: bool
     superset: bool
@@ -134,20 +130,6 @@ def re2_class(ranges: tuple[tuple[int, int], ...]) -> str:
     return f"[{body}]"
 
 
-def _union(a, b):
-    out: list[list[int]] = []
-    for lo, hi in sorted(list(a) + list(b)):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in out)
-
-
-def _minus(a, b):
-    return complement(_union(complement(a), b))
-
-
 @functools.lru_cache(maxsize=1)
 def non_ascii_word() -> tuple[tuple[int, int], ...]:
     """Code points the ``regex`` module counts as ``\\w`` that are not ASCII."""
@@ -159,13 +141,6 @@ def non_ascii_word_class() -> str:
     """RE2 class of :func:`non_ascii_word`: a text holding none of them has the same word
     characters (and word boundaries) under RE2's ASCII rules and under ``regex``."""
     return re2_class(non_ascii_word())
-
-
-def compact_class(ranges):
-    """A set that behaves like ``ranges`` on texts without a non-ASCII word character: ``ranges``
-    plus or minus those characters, whichever needs fewer ranges (``[^\\w]`` → ``[^0-9A-Za-z_]``)."""
-    naw = non_ascii_word()
-    return min(_union(ranges, naw), _minus(ranges, naw), key=len)
 
 
 def complement(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
@@ -263,17 +238,15 @@ def _risky(seq, under_unbounded: bool = False) -> bool:
 
 
 class _Emitter:
-    """Parse tree → RE2 text. ``compact``: classes simplified for texts without a non-ASCII word
-    character (:func:`compact_class`); ``loose``: ``\\b``/``\\B`` dropped and no group ``m`` (a
-    prefilter that matches a superset). Records whether ``\\b`` was used and whether anything was
-    relaxed to a superset."""
+    """Parse tree → RE2 text. ``loose``: ``\\b``/``\\B`` dropped and no group ``m`` (a superset).
+    Records whether ``\\b`` was used and whether anything was relaxed to a superset."""
 
-    def __init__(self, compact: bool, loose: bool):
-        self.compact, self.loose = compact, loose
+    def __init__(self, loose: bool):
+        self.loose = loose
         self.boundary = self.superset = False
 
     def cls(self, ranges) -> str:
-        return re2_class(compact_class(ranges) if self.compact else ranges)
+        return re2_class(ranges)
 
     def seq(self, seq, flags: int) -> str:
         return "".join(self.node(op, av, flags) for op, av in seq)
@@ -374,19 +347,7 @@ def translate(pattern: str, flags: int = 0) -> Translation:
         raise Untranslatable("an unbounded repetition of a repetition or alternation "
                              "(catastrophic backtracking possible): kept on the regex engine and its time bound")
     out = {}
-    for key, compact, loose in (("unicode", False, False), ("compact", True, False), ("loose_unicode", False, True)):
-        em = _Emitter(compact, loose)
+    for key, loose in (("unicode", False), ("loose_unicode", True)):
+        em = _Emitter(loose)
         out[key] = em.pattern(tree)
     return Translation(**out, boundary=em.boundary, superset=em.superset)
-
-
-def re2_compiles(pattern: str) -> str | None:
-    """None when Arrow's RE2 compiles ``pattern``, else RE2's message."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    try:
-        pc.extract_regex(pa.array([""], pa.string()), pattern)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        return str(e).splitlines()[0]
-    return None

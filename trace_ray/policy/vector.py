@@ -15,8 +15,8 @@ predicates, the callable, the judge answer) and two ways to execute it:
             of an RE2 set (google-re2's ``re2.Set``: one DFA, every pattern's verdict) over each
             text, with the exact Unicode translations of all such rules' patterns, the non-ASCII
             word characters and a sentinel; then each pattern's match text on the rows it hit
-            only (Arrow's ``extract_regex`` with the compact classes; Unicode ones, row by row,
-            on texts with non-ASCII word characters). Decided row-wise: a text with such
+            only (the same translation as one RE2, compiled once per process, so its DFA
+            stays warm from batch to batch). Decided row-wise: a text with non-ASCII word
             characters where a ``\\b`` rule may match (RE2's ``\\b`` is ASCII), an RE2 hit of a
             relaxed (``superset``) pattern, a text the set gave up on (no sentinel).
   ``regex`` regex / keywords rules RE2 cannot take (back-references, ``(a|aa)+``-style shapes ...):
@@ -97,7 +97,7 @@ def plan_rules(rules: list[Rule]) -> None:
 def plan_rule(rule: Rule) -> Plan:
     """Choose the engine of one rule on its own."""
     if isinstance(rule, RegexRule):  # KeywordsRule too: its compiled pattern is translated alike
-        from trace_ray.policy.re2 import Untranslatable, re2_compiles, translate
+        from trace_ray.policy.re2 import Untranslatable, translate
 
         out = []
         for compiled in rule._compiled:
@@ -105,8 +105,7 @@ def plan_rule(rule: Rule) -> Plan:
                 tr = translate(compiled.pattern, compiled.flags)
             except Untranslatable as e:
                 return Plan("regex", f"pattern {compiled.pattern[:60]!r}: {e}")
-            err = (re2_compiles(tr.unicode) or re2_compiles(tr.compact)
-                   or set_error((SENTINEL, tr.unicode, tr.loose_unicode)))
+            err = set_error((SENTINEL, tr.unicode, tr.loose_unicode))
             if err:
                 return Plan("regex", f"pattern {compiled.pattern[:60]!r}: RE2 cannot compile its translation ({err})")
             out.append(tr)
@@ -271,11 +270,12 @@ def check_columns(policy, side: Side) -> tuple[np.ndarray, dict[int, list[str]]]
 class _Scan:
     """The policy's RE2 set run once over one target text (response or prompt) of every active row.
 
-    ``texts``: those texts; ``naw``: rows holding a non-ASCII word character; ``failed``: rows the
+    ``data``, ``off``: those texts' UTF-8 (row i: ``data[off[i]:off[i + 1]]``); ``naw``: rows holding a non-ASCII word character; ``failed``: rows the
     set gave up on (its DFA ran out of memory: no sentinel), decided row-wise; ``hits``: per set
     pattern (:func:`set_patterns`), the rows it matches (absent: none)."""
 
-    texts: Any
+    data: memoryview
+    off: list[int]
     naw: np.ndarray
     failed: np.ndarray
     hits: dict[str, np.ndarray]
@@ -312,7 +312,7 @@ def _scan(policy, side: Side) -> dict[str, _Scan]:
                 hits[pattern] = np.zeros(n, dtype=bool)
                 hits[pattern][hit_rows] = True
         naw = hits.pop(patterns[1], np.zeros(n, dtype=bool))
-        out[target] = _Scan(texts, naw, failed, hits)
+        out[target] = _Scan(data, off, naw, failed, hits)
     return out
 
 
@@ -337,30 +337,39 @@ def _re2(rule: RegexRule, scan: _Scan, side: Side, state: np.ndarray, info: dict
         if plan.superset:  # relaxed somewhere: RE2's hit is only a candidate
             todo |= hit
             continue
-        rows = np.flatnonzero(hit)
-        plain, naw = rows[~scan.naw[rows]], rows[scan.naw[rows]]
-        # the match text (group m = the regex module's m.group(0)): compact classes are exact on
-        # texts without a non-ASCII word character (Arrow's kernel, all those rows at once); the
-        # few others: the Unicode pattern, compiled once per process, row by row
-        found = pc.extract_regex(scan.texts.take(pa.array(plain)), tr.compact).field("m").to_pylist() if plain.size else []
-        if naw.size:
-            search = compiled_regex(tr.unicode).search
-            found += [(m := search(scan.texts[i].as_py())) and m.group("m") for i in naw.tolist()]
-        for i, m in zip(np.concatenate([plain, naw]).tolist(), found):
-            if m is None:  # the set's RE2 and this one disagree (never seen): the reference decides
+        find = compiled_regex(tr.unicode)
+        for i in np.flatnonzero(hit).tolist():
+            text = scan.data[scan.off[i]: scan.off[i + 1]]
+            span = find(text)
+            if span is None:  # the set and this RE2 disagree (never seen): the reference decides
                 todo[i] = True
             else:
                 state[i] = HIT
-                info[i] = f"{word} {m[:60]!r}"
+                info[i] = f"{word} {str(text[span[0]: span[1]], 'utf-8')[:60]!r}"
     side.rowwise(rule, np.flatnonzero(todo), state, info)
 
 
 @functools.lru_cache(maxsize=256)
-def compiled_regex(pattern: str):
-    """``re2.compile(pattern)``, once per process."""
+def compiled_regex(pattern: str) -> Callable[[Any], tuple[int, int] | None]:
+    """``find(utf8_bytes)``: the byte span of group ``m`` of ``pattern``'s first match, or None.
+    Compiled once per process (RE2 keeps its DFA warm across calls); google-re2's pybind object,
+    called directly: its Python wrapper would decode and re-encode every text."""
     import re2
+    from re2 import _re2
 
-    return re2.compile(pattern)
+    opts = re2.Options()
+    opts.max_mem = SET_MAX_MEM
+    opts.log_errors = False
+    rx = _re2.RE2(pattern.encode(), opts)
+    if not rx.ok():
+        raise re2.error(rx.error())
+    unanchored, group = _re2.RE2.Anchor.UNANCHORED, dict(rx.NamedCapturingGroups()).get(b"m", 0)
+
+    def find(text):
+        spans = rx.Match(unanchored, text, 0, len(text))
+        return None if spans[0][0] < 0 else spans[group]
+
+    return find
 
 
 def _mask(arr) -> np.ndarray:
