@@ -5,12 +5,6 @@ from __future__ import annotations
 import os
 
 
-# Arrow's allocator in the workers of a local instance: with its default (mimalloc) the freed
-# buffers of each batch go back to the OS and come back as page faults — triage of 1M long rows
-# spent 7 s of system time in its workers, 2 s with the system allocator (benchmarks/triage.py)
-ARROW_MEMORY_POOL = "system"
-
-
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process.
 
@@ -28,9 +22,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         # "local": a new instance even when a `ray start` cluster runs on this machine (joining one
-        # is what --address / RAY_ADDRESS are for). Its workers inherit this environment: Arrow's
-        # allocator there is the system one (ARROW_MEMORY_POOL, unless set)
-        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", ARROW_MEMORY_POOL)
+        # is what --address / RAY_ADDRESS are for)
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     _quiet_data_progress()
 
