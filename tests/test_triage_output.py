@@ -208,3 +208,37 @@ def test_a_retried_write_task_rewrites_its_own_part(tmp_path, hh_path):
     assert sorted(p.name for p in folder.iterdir()) == [SUCCESS, "part-0123abcd-000007.parquet"]
     assert read_triaged(folder).equals(rows)
     assert sink.result.summaries["all"].to_dict()["total"] == 300
+
+
+def test_summary_counts_each_rule_named_in_the_reasons(hh_path):
+    """The summary's per-rule hits (counted by Arrow's JSON reader over the reasons column) equal
+    a count made row by row from the same reasons, also when a match text holds colons, quotes,
+    backslashes or non-ASCII letters, and a row of two chunks (a table Ray joined)."""
+    from trace_ray.data.readers import iter_records
+    from trace_ray.policy import load_policy
+    from trace_ray.triage import triage_records
+    from trace_ray.triage_output import Summary, reason_kind
+
+    policy = load_policy({"name": "odd", "version": 1, "rules": [
+        {"name": "kw", "kind": "keywords", "keywords": ["a:b", 'say "hi"', "c\\d", "über", "gun"]},
+        {"name": "re.x", "kind": "regex", "pattern": r"steal\S*"}]})
+    texts = ["a:b here", 'they say "hi"', "c\\d", "Über alles", "a gun: steal:this", "fine", "steal"]
+    rng = random.Random(5)
+    records = [{"prompt": "p", "chosen": rng.choice(texts), "rejected": rng.choice(texts)} for _ in range(300)]
+    records += list(iter_records(hh_path, "hh"))[:300]
+    rows = triage_records(policy, records)
+    table = pa.Table.from_pylist(rows, schema=TRIAGED)
+    table = pa.concat_tables([table.slice(0, 250), table.slice(250)])
+    got = Summary([r.name for r in policy.rules])
+    got.add(table)
+    want = {r.name: {"chosen": 0, "rejected": 0} for r in policy.rules}
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            if row[f"{side}_verdict"] == "non_compliant":
+                for reason in json.loads(row["reasons"])[side]:
+                    want[reason.split(":", 1)[0]][side] += 1
+    assert got.hits == want
+    assert all(v["chosen"] and v["rejected"] for v in want.values())
+    unresolved = [r for r in rows if r["category"] == "unresolved"]
+    assert unresolved and got.unresolved == Counter(reason_kind(r, json.loads(r["reasons"])) for r in unresolved)
+    assert got.counts == Counter(r["category"] for r in rows)

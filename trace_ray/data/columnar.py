@@ -69,11 +69,12 @@ def plain_json_block(lines: list[bytes], schema: pa.Schema):
     None when any line might read differently from Python's ``json`` line by line (then the
     line reader decides): a line Arrow rejects (other keys, a non-string value, a duplicate key, a
     lone surrogate escape, bad JSON), bytes that are not UTF-8 (Arrow does not check them), a byte
-    order mark first (Arrow skips it there, Python's ``json`` refuses it), a line holding two objects (the row
-    count differs), or a row ``plain_pairs_table`` refuses (nulls, blanks, a conversation)."""
+    order mark first (Arrow skips it there, Python's ``json`` refuses it; Arrow refuses one
+    anywhere else), a line holding two objects (the row count differs), or a row
+    ``plain_pairs_table`` refuses (nulls, blanks, a conversation)."""
     rows = sum(1 for raw in lines if raw.strip())
     data = b"\n".join(lines)
-    if not rows or data.startswith(b"\xef\xbb\xbf"):  # Arrow refuses a BOM anywhere else
+    if not rows or data.startswith(b"\xef\xbb\xbf"):
         return None
     try:
         table = pa_json.read_json(pa.py_buffer(data), parse_options=_JSON_PARSE,

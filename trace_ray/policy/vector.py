@@ -270,9 +270,10 @@ def check_columns(policy, side: Side) -> tuple[np.ndarray, dict[int, list[str]]]
 class _Scan:
     """The policy's RE2 set run once over one target text (response or prompt) of every active row.
 
-    ``data``, ``off``: those texts' UTF-8 (row i: ``data[off[i]:off[i + 1]]``); ``naw``: rows holding a non-ASCII word character; ``failed``: rows the
-    set gave up on (its DFA ran out of memory: no sentinel), decided row-wise; ``hits``: per set
-    pattern (:func:`set_patterns`), the rows it matches (absent: none)."""
+    ``data``, ``off``: those texts' UTF-8 (row i: ``data[off[i]:off[i + 1]]``); ``naw``: rows
+    holding a non-ASCII word character; ``failed``: rows the set gave up on (its DFA ran out of
+    memory: no sentinel), decided row-wise; ``hits``: per set pattern (:func:`set_patterns`), the
+    rows it matches (absent: none)."""
 
     data: memoryview
     off: list[int]
@@ -319,9 +320,6 @@ def _scan(policy, side: Side) -> dict[str, _Scan]:
 def _re2(rule: RegexRule, scan: _Scan, side: Side, state: np.ndarray, info: dict) -> None:
     """The set's hits of each pattern (the first pattern that matches decides, as row-wise), with
     the match text found on those rows only; rows RE2 cannot settle exactly go to ``decide``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     plan = rule.plan
     word = "keyword" if isinstance(rule, KeywordsRule) else "matched"
     todo = scan.failed.copy()
