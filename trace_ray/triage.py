@@ -80,15 +80,15 @@ def triage_table(policy: Policy, table) -> Any:
                          [cat["unresolved"], cat["retain"], cat["invert"], cat["punish"]], cat["unresolved"])
     plain = json.dumps({"chosen": [], "rejected": []})
     out_reasons = [plain] * n
-    texts: dict[tuple, str] = {}  # the same reasons recur (a keyword, a rule): their JSON once
+    encoded: dict[tuple, str] = {}  # the same reasons recur (a keyword, a rule): their JSON once
     for i in np.flatnonzero(~active | (cv != 0) | (rv != 0)).tolist():
         if errors[i] is not None:
             out_reasons[i] = json.dumps({"error": errors[i]}, ensure_ascii=False)
             continue
         key = (tuple(reasons["chosen"].get(i, ())), tuple(reasons["rejected"].get(i, ())))
-        if key not in texts:
-            texts[key] = json.dumps({"chosen": list(key[0]), "rejected": list(key[1])}, ensure_ascii=False)
-        out_reasons[i] = texts[key]
+        if key not in encoded:
+            encoded[key] = json.dumps({"chosen": list(key[0]), "rejected": list(key[1])}, ensure_ascii=False)
+        out_reasons[i] = encoded[key]
     ids = col["id"]
     missing = np.flatnonzero(~pc.fill_null(pc.not_equal(ids, ""), False).to_numpy(zero_copy_only=False))
     if missing.size:  # a given id is kept, else the hash of the texts (as ``_norm``)

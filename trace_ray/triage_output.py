@@ -73,8 +73,9 @@ class Summary:
             for name, k in _named_rules(flagged, side).items():
                 if name in self.hits:
                     self.hits[name][side] += k
-        unresolved = table.filter(pc.equal(table["category"], "unresolved"))
-        for row in unresolved.select(["chosen_verdict", "rejected_verdict", "reasons"]).to_pylist():
+        unresolved = table.select(["chosen_verdict", "rejected_verdict", "reasons"]).filter(
+            pc.equal(table["category"], "unresolved"))  # selected first: the filter copies no text
+        for row in unresolved.to_pylist():
             self.unresolved[reason_kind(row, json.loads(row["reasons"]))] += 1
         for c in CATEGORIES:  # the first few rows of each category, with their texts
             if len(self.examples[c]) < self.k:

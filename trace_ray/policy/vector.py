@@ -131,28 +131,37 @@ def set_patterns(rules: list[Rule], target: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(pats))
 
 
-@functools.lru_cache(maxsize=16)
-def compiled_set(patterns: tuple[str, ...]):
-    """An unanchored ``re2.Set`` of ``patterns`` (compiled once per process); ``Match(bytes)``
-    returns the indices of every pattern the text matches, or None."""
+def _options():
+    """RE2 options of every set and pattern: ``SET_MAX_MEM``, no logging (a failure is returned)."""
     import re2
 
     opts = re2.Options()
     opts.max_mem = SET_MAX_MEM
     opts.log_errors = False
-    s = re2.Set.SearchSet(opts)
+    return opts
+
+
+def _build_set(patterns: tuple[str, ...]):
+    import re2
+
+    s = re2.Set.SearchSet(_options())
     for p in patterns:
         s.Add(p)
     s.Compile()
     return s
 
 
+# An unanchored ``re2.Set`` of ``patterns``, compiled once per process; ``Match(bytes)`` returns the
+# indices of every pattern the text matches, or None.
+compiled_set = functools.lru_cache(maxsize=16)(_build_set)
+
+
 def set_error(patterns: tuple[str, ...]) -> str | None:
-    """None when ``patterns`` compile as one RE2 set, else why not."""
+    """None when ``patterns`` compile as one RE2 set, else why not (the check at load; not cached)."""
     import re2
 
     try:
-        compiled_set(patterns)
+        _build_set(patterns)
     except re2.error as e:
         return str(e)[:200]
     return None
@@ -355,10 +364,7 @@ def compiled_regex(pattern: str) -> Callable[[Any], tuple[int, int] | None]:
     import re2
     from re2 import _re2
 
-    opts = re2.Options()
-    opts.max_mem = SET_MAX_MEM
-    opts.log_errors = False
-    rx = _re2.RE2(pattern.encode(), opts)
+    rx = _re2.RE2(pattern.encode(), _options())
     if not rx.ok():
         raise re2.error(rx.error())
     unanchored, group = _re2.RE2.Anchor.UNANCHORED, dict(rx.NamedCapturingGroups()).get(b"m", 0)
