@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 
 import pyarrow as pa
@@ -238,6 +239,8 @@ EDGE_LINES = [  # JSON lines that Arrow's parser and Python's json could read di
     # a line of two objects next to a blank line: as many rows as lines, yet not one per line
     b'{"prompt":"two2","chosen":"b","rejected":"c"}{"prompt":"y","chosen":"b","rejected":"c"}\n',
     b' \t\n{"prompt":"two3","chosen":"b","rejected":"c"} {"prompt":"z","chosen":"b","rejected":"c"}',
+    b'\r\n{"prompt":"two4","chosen":"b","rejected":"c"}{"prompt":"w","chosen":"b","rejected":"c"}',
+    b'\x0b\n{"prompt":"two5","chosen":"b","rejected":"c"}{"prompt":"v","chosen":"b","rejected":"c"}',
 ]
 
 
@@ -250,11 +253,11 @@ def test_arrow_json_blocks_read_every_line_as_python_does(tmp_path):
 
     plain = [json.dumps({"prompt": f"p{i} café", "chosen": f"c{i} ’ gun\n", "rejected": f"r{i} 日本"},
                         ensure_ascii=i % 2 == 0).encode() for i in range(9)]
-    assert plain_json_block(plain, READ_SCHEMA) is not None
+    assert plain_json_block(b"\n".join(plain), READ_SCHEMA) is not None
     src = _datasource_cls().__new__(_datasource_cls())
     src._fmt, src._pku_chosen, src._keys, src._rows = "pairs", "better", None, 4
     for i, edge in enumerate(EDGE_LINES):
-        fast = plain_json_block(edge.split(b"\n") + plain[:3], READ_SCHEMA)
+        fast = plain_json_block(b"\n".join([edge] + plain[:3]), READ_SCHEMA)
         path = tmp_path / f"edge{i}.jsonl"  # the edge line opens the second block of 4 lines
         path.write_bytes(b"\n".join(plain[:4] + [edge] + plain[4:]) + b"\n")
         with open(path, "rb") as f:
@@ -276,6 +279,45 @@ def test_arrow_json_blocks_read_every_line_as_python_does(tmp_path):
     with open(cut, "rb") as f, gzip.open(f) as g:
         got = pa.concat_tables(list(src._read_stream(g, str(cut)))).to_pylist()
     assert got == list(iter_records(cut, "pairs")) and "truncated or corrupt" in got[-1]["_error"]
+
+
+def test_line_blocks_cut_the_lines_the_line_reader_sees(tmp_path):
+    """The JSON-lines fast path cuts the stream into blocks of ``rows`` lines without a Python
+    object per line; whatever the read size (lines and blocks across reads), its blocks hold
+    exactly ``_lines``' lines and numbers, with each line's end where it is; a truncated .gz
+    ends with the complete lines read before the error, then raises it, as ``_lines`` does."""
+    import io
+
+    from trace_ray.data.readers import READ_ERRORS, _line_blocks, _lines
+
+    body = b"\n".join(EDGE_LINES[:6] + [b"", b"x" * 40, b"\r", b"y"])
+    for end in (b"", b"\n", b"\n\n", b"\n  "):
+        want = list(_lines(io.BytesIO(body + end)))
+        for rows in (1, 2, 3, 64):
+            for chunk in (1, 2, 5, 64, 1 << 20):
+                got = []
+                for first, data, ends in _line_blocks(io.BytesIO(body + end), rows, chunk):
+                    lines = data.split(b"\n")
+                    assert len(lines) == len(ends) and (len(ends) == rows or first + len(ends) > len(want))
+                    assert ends == [i for i, c in enumerate(data + b"\n") if c == 10]
+                    got += enumerate(lines, first)
+                assert got == want, (end, rows, chunk)
+    rng = random.Random(0)  # incompressible enough that half the file is more than one 1 MiB read
+    data = gzip.compress(b"".join(b"%d %x\n" % (i, rng.getrandbits(400)) for i in range(40000)))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    want, error = [], None
+    with gzip.open(cut) as g:
+        try:
+            want += _lines(g)
+        except READ_ERRORS as e:
+            error = type(e)
+    assert error is not None and want
+    got = []
+    with gzip.open(cut) as g, pytest.raises(error):
+        for first, data, _ in _line_blocks(g, 1000):  # reads as large as _lines'
+            got += enumerate(data.split(b"\n"), first)
+    assert got == want
 
 
 def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):

@@ -64,17 +64,21 @@ PLAIN_JSON = pa.schema([(k, pa.string()) for k in ("id", "prompt", "chosen", "re
 _JSON_PARSE = pa_json.ParseOptions(explicit_schema=PLAIN_JSON, unexpected_field_behavior="error")
 
 
-def plain_json_block(lines: list[bytes], schema: pa.Schema):
-    """JSON lines of plain pairs parsed at once by Arrow's JSON reader → a ``schema`` table, or
-    None when any line might read differently from Python's ``json`` line by line (then the
-    line reader decides): a line Arrow rejects (other keys, a non-string value, a duplicate key, a
-    lone surrogate escape, bad JSON), bytes that are not UTF-8 (Arrow does not check them), a byte
-    order mark first (Arrow skips it there, Python's ``json`` refuses it; Arrow refuses one
-    anywhere else), a line holding two objects (the row count differs), or a row
-    ``plain_pairs_table`` refuses (nulls, blanks, a conversation)."""
-    rows = sum(1 for raw in lines if raw.strip())
-    data = b"\n".join(lines)
-    if not rows or data.startswith(b"\xef\xbb\xbf"):
+def plain_json_block(data: bytes, schema: pa.Schema, ends: list[int] | None = None):
+    """A block of JSON lines of plain pairs (``data``: the lines joined by ``\\n``; ``ends``: the
+    offset where each line ends, found when None) parsed at once by Arrow's JSON reader → a
+    ``schema`` table, or None when any line might read differently from Python's ``json`` line by
+    line (then the line reader decides): a line Arrow rejects (other keys, a non-string value, a
+    duplicate key, a lone surrogate escape, bad JSON), bytes that are not UTF-8 (Arrow does not
+    check them), a byte order mark first (Arrow skips it there, Python's ``json`` refuses it;
+    Arrow refuses one anywhere else), a line holding two objects (the row count differs), or a
+    row ``plain_pairs_table`` refuses (nulls, blanks, a conversation)."""
+    if not data or data.startswith(b"\xef\xbb\xbf"):
+        return None
+    if ends is None:
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10).tolist() + [len(data)]
+    rows = len(ends) - _blank_lines(data, ends)
+    if not rows:
         return None
     try:
         table = pa_json.read_json(pa.py_buffer(data), parse_options=_JSON_PARSE,
@@ -85,6 +89,20 @@ def plain_json_block(lines: list[bytes], schema: pa.Schema):
     if table.num_rows != rows:
         return None
     return plain_pairs_table(table, schema)
+
+
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True  # what ``bytes.strip`` removes
+
+
+def _blank_lines(data: bytes, ends: list[int]) -> int:
+    """How many of the lines are blank (empty or only ASCII whitespace: not rows). Only lines
+    that are empty or start with whitespace are looked at in Python."""
+    end = np.asarray(ends, dtype=np.int64)
+    start = np.concatenate(([0], end[:-1] + 1))
+    first = np.frombuffer(data, dtype=np.uint8)[np.minimum(start, len(data) - 1)]  # data is not empty
+    suspect = np.flatnonzero((start == end) | _SPACE[first])
+    return sum(1 for i in suspect.tolist() if not data[start[i]: end[i]].strip())
 
 
 def plain_pairs_table(batch, schema: pa.Schema):

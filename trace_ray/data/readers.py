@@ -48,11 +48,14 @@ def _kind(name: str) -> str:
     return "jsonl"
 
 
+READ_BYTES = 1 << 20  # one read of a JSON-lines stream (a truncated .gz loses the read that fails)
+
+
 def _line_chunks(stream) -> Iterator[list[bytes]]:
-    """The raw lines of a binary stream, a list per 1 MiB read (the last line may lack its ``\\n``)."""
+    """The raw lines of a binary stream, a list per ``READ_BYTES`` read (the last line may lack its ``\\n``)."""
     tail = b""
     while True:
-        chunk = stream.read(1 << 20)
+        chunk = stream.read(READ_BYTES)
         if not chunk:
             break
         parts = (tail + chunk).split(b"\n")
@@ -60,6 +63,44 @@ def _line_chunks(stream) -> Iterator[list[bytes]]:
         yield parts
     if tail:
         yield [tail]
+
+
+def _line_blocks(stream, rows: int, chunk_bytes: int = READ_BYTES) -> Iterator[tuple[int, bytes, list[int]]]:
+    """Blocks of ``rows`` raw lines of a binary stream (the last block: the lines left), each
+    ``(number of its first line, its lines joined by \\n, the offset where each line ends)``:
+    one ``bytes`` per block, joined once from views of the reads, newlines found by
+    ``bytes.find`` (no object per line). A read error ends the blocks with the complete lines read
+    so far (as ``_lines`` with the same ``chunk_bytes``), then is raised."""
+    pieces, size, ends, first, error = [], 0, [], 1, None  # size: bytes in pieces
+    while True:
+        try:
+            chunk = stream.read(chunk_bytes)
+        except READ_ERRORS as e:
+            chunk, error = b"", e
+        if not chunk:
+            break
+        view, start, find = memoryview(chunk), 0, chunk.find  # start: the first byte not in a block yet
+        p = find(b"\n")
+        while p >= 0:
+            ends.append(size + p - start)
+            if len(ends) == rows:
+                pieces.append(view[start:p])
+                yield first, b"".join(pieces), ends
+                pieces, size, ends, first, start = [], 0, [], first + rows, p + 1
+            p = find(b"\n", p + 1)
+        pieces.append(view[start:])
+        size += len(chunk) - start
+    data = b"".join(pieces)
+    if error is not None:  # the partial last line is lost, as in ``_lines``
+        data = data[: ends[-1]] if ends else b""
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    elif data:
+        ends.append(len(data))
+    if data or ends:  # the lines left; an empty last line counts too
+        yield first, data, ends
+    if error is not None:
+        raise error
 
 
 def _lines(stream) -> Iterator[tuple[int, bytes]]:
@@ -283,27 +324,17 @@ def _datasource_cls():
             ``iter_objects``: the same records, locations and errors)."""
             from trace_ray.data.columnar import plain_json_block
 
-            base, lines, first = os.path.basename(path), [], 1  # first: the line number of lines[0]
-
-            def block(lines: list[bytes], first: int, end=None) -> pa.Table:
-                table = plain_json_block(lines, READ_SCHEMA) if end is None else None
-                if table is None:
-                    items = [it for n, raw in enumerate(lines, first) if (it := _line_object(base, n, raw)) is not None]
-                    table = self._table(items + ([end] if end else []))
-                return table
-
+            base = os.path.basename(path)
             try:
-                for chunk in _line_chunks(f):
-                    lines += chunk
-                    while len(lines) >= self._rows:
-                        if (table := block(lines[: self._rows], first)).num_rows:
-                            yield table
-                        lines, first = lines[self._rows:], first + self._rows
+                for first, data, ends in _line_blocks(f, self._rows):
+                    table = plain_json_block(data, READ_SCHEMA, ends)
+                    if table is None:
+                        lines = enumerate(data.split(b"\n"), first)
+                        table = self._table([it for n, raw in lines if (it := _line_object(base, n, raw)) is not None])
+                    if table.num_rows:
+                        yield table
             except READ_ERRORS as e:
-                yield block(lines, first, _broken(base, e))
-                return
-            if lines and (table := block(lines, first)).num_rows:
-                yield table
+                yield self._table([_broken(base, e)])
 
         def _columnar(self, f, path: str):
             """Parquet / Arrow pairs: a whole batch at once when it is plain, else row by row
