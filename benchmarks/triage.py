@@ -66,6 +66,8 @@ def parse_args(argv=None):
                    help="response length range in characters (default 200 2000; the real HH test file: ~190 mean)")
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="local Ray CPU counts to run (default 1 2)")
     p.add_argument("--loop-rows", type=int, default=100_000, help="rows for the plain loop (default 100000)")
+    p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "lz4", "gzip", "brotli", "none"],
+                   help="Parquet codec of the Ray runs' output (run_triage's compression; default snappy)")
     p.add_argument("--no-equality", action="store_true", help="skip the row-for-row check of every row")
     p.add_argument("--judge-pairs", type=int, default=0, help="pairs for the HF judge measurement (default 0: skip)")
     p.add_argument("--policy", default=str(POLICY), help="rule policy YAML (default: the HH text policy)")
@@ -266,10 +268,13 @@ def cell_ray(spec: dict) -> dict:
     run_triage(spec["warmup"], spec["policy"], spec["out"] + "_warmup", "pairs", show_progress=False)
     with Peak() as mem:
         t = time.perf_counter()
-        s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False)
+        s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False,
+                       compression=spec["compression"])
         secs = time.perf_counter() - t
     m = mem.to_dict()
-    return {"rows": s["total"], "cpus": spec["cpus"], "seconds": round(secs, 2),
+    out_mb = sum(f.stat().st_size for f in (Path(spec["out"]) / "triaged.parquet").glob("*.parquet")) / 2**20
+    return {"rows": s["total"], "cpus": spec["cpus"], "seconds": round(secs, 2), "compression": spec["compression"],
+            "output_mb": round(out_mb),
             "rows_per_s": round(s["total"] / secs, 1), "rows_per_cpu_s": round(s["total"] / m["cpu_seconds"], 1),
             "counts": s["counts"], "engines": s["engines"],
             "part_files": len([f for f in os.listdir(Path(spec["out"]) / "triaged.parquet") if f.endswith(".parquet")]),
@@ -387,7 +392,8 @@ def main(argv=None) -> int:
     for n in sizes:
         for cpus in args.cpus:
             result["ray"].append(run_cell({"kind": "ray", "cpus": cpus, "policy": policy, "data": str(folders[n]),
-                                           "warmup": str(warm), "out": str(work / f"out_{n}_{cpus}")}))
+                                           "warmup": str(warm), "out": str(work / f"out_{n}_{cpus}"),
+                                           "compression": args.compression}))
     loop_rows = min(args.loop_rows, args.pairs)
     result["plain_loop"] = run_cell({"kind": "plain_loop", "policy": policy, "data": str(work / "data"),
                                      "rows": loop_rows, "out": str(work / "loop.parquet")})

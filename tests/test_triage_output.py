@@ -81,9 +81,38 @@ def test_folder_of_parts_success_marker_and_summary(ray_session, hh_path, tmp_pa
     assert {k: v["engine"] for k, v in summary["engines"].items()} == {
         "weapons_drugs": "re2", "theft_hacking": "re2", "profanity_insults": "re2", "step_by_step": "re2"}
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
-    # a second run replaces the first (no parts of the old run remain)
-    run_triage(hh_path, HH_POLICY, tmp_path, show_progress=False)
+    assert {_codec(folder / p) for p in parts} == {"SNAPPY"}
+    # a second run replaces the first (no parts of the old run remain), in the codec asked for
+    assert run_triage(hh_path, HH_POLICY, tmp_path, show_progress=False, compression="zstd")["compression"] == "zstd"
     assert read_triaged(folder).num_rows == 2312
+    assert {_codec(p) for p in folder.glob("*.parquet")} == {"ZSTD"}
+    with pytest.raises(ValueError, match="compression 'lzma' is not one of snappy, zstd"):
+        run_triage(hh_path, HH_POLICY, tmp_path / "bad", show_progress=False, compression="lzma")
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def _codec(path) -> str:
+    """The Parquet codec of a part file's columns (all the same)."""
+    meta = pq.ParquetFile(path).metadata
+    (codec,) = {meta.row_group(g).column(c).compression for g in range(meta.num_row_groups) for c in range(meta.num_columns)}
+    return codec
+
+
+def test_one_fused_operator_runs_without_ray_datas_operator_reservation(ray_session):
+    """Ray Data reserves resources per operator so that operators do not starve each other; a
+    triage run that is one fused operator has no other to protect (with the reservation on, Ray
+    Data ran its first task alone and paused between tasks): off for it, restored afterwards."""
+    import ray.data
+
+    from trace_ray.triage import _data_context
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.op_resource_reservation_enabled
+    with _data_context(False, one_operator=True):
+        assert ctx.op_resource_reservation_enabled is False
+    assert ctx.op_resource_reservation_enabled == before
+    with _data_context(False):
+        assert ctx.op_resource_reservation_enabled == before
 
 
 @pytest.mark.slow
@@ -114,9 +143,11 @@ def test_folder_is_read_back_by_realign_data_path(ray_session, tmp_path, tiny_mo
     from trace_ray.train.run import check_inputs
 
     write_shards(tmp_path / "data", 1_500, 3)
-    s = run_triage(tmp_path / "data", HH_POLICY, tmp_path / "out", show_progress=False, batch_size=300)
+    s = run_triage(tmp_path / "data", HH_POLICY, tmp_path / "out", show_progress=False, batch_size=300,
+                   compression="none")
     folder = tmp_path / "out" / "triaged.parquet"
     assert len(list(folder.glob("*.parquet"))) == 3  # the write fused into the read tasks: one part per input file
+    assert {_codec(p) for p in folder.glob("*.parquet")} == {"UNCOMPRESSED"}
     cfg = from_dict(RunConfig, {"data": {"triaged": str(folder)}, "model": {"name": str(tiny_model_dir)},
                                 "loss": {"alpha_kl": 0.0}, "output": {"dir": str(tmp_path / "run")}})
     info = check_inputs(cfg)

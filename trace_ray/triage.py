@@ -183,6 +183,7 @@ def run_triage(
     show_progress: bool = True,
     address: str | None = None,
     max_retries: int | None = None,
+    compression: str = "snappy",
 ) -> dict:
     """Triage ``data`` with ``policy`` on Ray Data; write ``out_dir/triaged.parquet/`` (and, with
     ``holdout`` / ``validation`` > 0, ``heldout.parquet/`` / ``validation.parquet/``: folders of part
@@ -203,7 +204,9 @@ def run_triage(
     file has each block written by a write task of its own (``trace_ray.triage_output.fuse_write``).
     A task whose worker dies is retried, a judge actor that dies is restarted and its batch
     retried — without limit by default (Ray Data's own defaults), ``max_retries`` times when
-    given — and its part file rewritten: every row lands exactly once.
+    given — and its part file rewritten: every row lands exactly once. ``compression``: the
+    Parquet codec of the part files (``triage_output.COMPRESSIONS``; ``"none"`` writes fastest,
+    1.7x larger files).
     """
     from trace_ray import storage
     from trace_ray.data.formats import column_keys
@@ -212,7 +215,7 @@ def run_triage(
     from trace_ray.data.split import FILES, check_fractions
     from trace_ray.preflight import check_resolvable
     from trace_ray.ray_utils import ensure_ray
-    from trace_ray.triage_output import Summary, fuse_write, write_triaged
+    from trace_ray.triage_output import COMPRESSIONS, Summary, fuse_write, write_triaged
 
     policy = load_policy(policy)
     old_policy = load_policy(compare) if compare is not None else None
@@ -223,6 +226,8 @@ def run_triage(
     keys = column_keys(prompt_key, chosen_key, rejected_key)
     if max_retries is not None and max_retries < 0:
         raise ValueError("max_retries must be >= 0")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
     if policy.has_judge:
         from trace_ray.policy.judge import check_judge_model
 
@@ -260,7 +265,7 @@ def run_triage(
         t0 = time.perf_counter()
         written = write_triaged(ds, out, [r.name for r in policy.rules], outputs={s: FILES[s] for s in splits},
                                 split_column="split" if len(splits) > 1 else None, ray_remote_args=retries,
-                                extra=movement, fused=fused)
+                                extra=movement, fused=fused, compression=compression)
     elapsed = time.perf_counter() - t0
     total = Summary([r.name for r in policy.rules])
     for s in splits:  # every input row, in split order
@@ -280,6 +285,7 @@ def run_triage(
         "format": fmt,
         "columns": keys or None,
         "pku_chosen": pku_chosen if fmt == "pku" else None,
+        "compression": compression,
         "holdout": holdout,
         "validation": validation,
         "split_key": "prompt",

@@ -70,6 +70,11 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4096,
                    help="rows read and triaged at once: one Ray Data block, one batch of the vectorised "
                         "rules (default: 4096)")
+    p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "lz4", "gzip", "brotli", "none"],
+                   help="Parquet codec of the output part files: snappy (Ray's and pyarrow's default), zstd "
+                        "(about as fast here, files ~38%% smaller), none (fastest: compression is ~7 of the ~40 "
+                        "CPU-microseconds a 200-2,000-character row costs; files ~1.7x larger), lz4, gzip "
+                        "(slow), brotli (default: snappy)")
     p.add_argument("--num-actors", type=int, default=None,
                    help="size of the LLM judge actor pool / vLLM engine count (default: the judge "
                         "rule's concurrency); ignored for rule-only policies")
@@ -108,7 +113,7 @@ def run(args) -> int:
                              holdout=args.holdout, validation=args.validation, compare=old,
                              allow_unresolved=args.allow_unresolved, batch_size=args.batch_size,
                              num_actors=args.num_actors, show_progress=not args.no_progress, address=args.address,
-                             max_retries=args.max_retries)
+                             max_retries=args.max_retries, compression=args.compression)
     except (ValueError, ImportError) as e:  # format detection, bad arguments, mostly unresolved, vllm missing
         print(f"trace-ray triage: {e}", file=sys.stderr)
         return 2
