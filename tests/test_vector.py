@@ -250,3 +250,40 @@ def test_mode_all_and_judge_answers():
     codes, reasons = check_columns(policy, side)
     names = ("compliant", "non_compliant", "error")
     assert [(names[c], reasons.get(i, [])) for i, c in enumerate(codes)] == [(v.verdict, v.reasons) for v in want]
+
+
+def test_no_garbage_collection_runs_inside_a_batch(hh_path):
+    """``triage_table`` pauses Python's cyclic collector (a full collection walks every object of
+    a Ray worker) and restores it after: enabled stays enabled, disabled stays disabled; the
+    rows are the same either way."""
+    import gc
+    import sys
+
+    from trace_ray.triage import _triage_table
+
+    policy = load_policy(HH_POLICY)
+    table = pa.Table.from_pylist(list(iter_records(hh_path))[:1500], schema=READ_SCHEMA)
+    inside: list[bool] = []  # per collection: did it start within the vectorised triage?
+
+    def count(phase, info):
+        if phase == "start":
+            f = sys._getframe(1)
+            while f is not None and f.f_code is not _triage_table.__code__:
+                f = f.f_back
+            inside.append(f is not None)
+
+    old = gc.get_threshold()
+    gc.callbacks.append(count)
+    gc.set_threshold(50, *old[1:])  # a collection every 50 net allocations of containers
+    try:
+        want = _triage_table(policy, table)  # not paused: collections do start inside
+        assert any(inside)
+        inside.clear()
+        assert triage_table(policy, table).equals(want) and gc.isenabled()
+        assert not any(inside)
+        gc.disable()
+        assert triage_table(policy, table).equals(want) and not gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*old)
+        gc.enable()

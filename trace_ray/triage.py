@@ -23,6 +23,7 @@ written in the same pass); with ``compare`` an old policy files the same rows to
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -46,7 +47,30 @@ def triage_table(policy: Policy, table) -> Any:
     Vectorised: row checks and verdict combination are Arrow / numpy operations, each rule runs on
     its engine (``policy.engines``); only rows with something to say (a hit, an error) are
     touched in Python. ``meta`` is canonical JSON text as the readers write it (null → ``{}``).
+    Python's cyclic garbage collector is paused meanwhile (:func:`_gc_paused`).
     """
+    with _gc_paused():
+        return _triage_table(policy, table)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection inside: the reasons of a batch are thousands of small lists
+    and tuples that live until the batch is done, so the collections they trigger find little to
+    free, and now and then one is a full collection that walks every object of the process
+    (~50 ms with Ray and pyarrow loaded). Measured on 200-2,000-character rows in one process:
+    triage_table 12.7 µs per row paused, 12.9-16.4 not. Cycles made meanwhile are collected
+    after; a collector the caller disabled stays disabled."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _triage_table(policy: Policy, table) -> Any:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -55,7 +79,7 @@ def triage_table(policy: Policy, table) -> Any:
     from trace_ray.policy.vector import Side, check_columns, meta_fields, parse_side_meta, side_meta_rows
 
     if isinstance(table, pa.Table) and len(chunks := table.to_batches()) > 1:  # Ray Data joins read blocks:
-        return pa.concat_tables([triage_table(policy, pa.Table.from_batches([b])) for b in chunks])  # no copy
+        return pa.concat_tables([_triage_table(policy, pa.Table.from_batches([b])) for b in chunks])  # no copy
     n = table.num_rows
     names = table.column_names
     col = {k: (contiguous(table[k]) if k in names else pa.nulls(n, pa.string())) for k in
