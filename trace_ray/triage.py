@@ -38,6 +38,7 @@ from trace_ray.triage_rows import triage_records  # noqa: F401  (the row-wise re
 VERDICT_NAMES = ("compliant", "non_compliant", "error")
 BLOCK_BYTES = 16 << 20  # Ray Data's target block size during triage (its default, 128 MiB, would merge batches)
 BLOCKS_IN_FLIGHT_PER_CPU = 8  # object-store budget of a triage run, in blocks per cluster CPU
+_REASONS_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), built once
 
 
 def triage_table(policy: Policy, table) -> Any:
@@ -107,11 +108,11 @@ def _triage_table(policy: Policy, table) -> Any:
     encoded: dict[tuple, str] = {}  # the same reasons recur (a keyword, a rule): their JSON once
     for i in np.flatnonzero(~active | (cv != 0) | (rv != 0)).tolist():
         if errors[i] is not None:
-            out_reasons[i] = json.dumps({"error": errors[i]}, ensure_ascii=False)
+            out_reasons[i] = _REASONS_JSON({"error": errors[i]})
             continue
         key = (tuple(reasons["chosen"].get(i, ())), tuple(reasons["rejected"].get(i, ())))
         if key not in encoded:
-            encoded[key] = json.dumps({"chosen": list(key[0]), "rejected": list(key[1])}, ensure_ascii=False)
+            encoded[key] = _REASONS_JSON({"chosen": list(key[0]), "rejected": list(key[1])})
         out_reasons[i] = encoded[key]
     ids = col["id"]
     missing = np.flatnonzero(~pc.fill_null(pc.not_equal(ids, ""), False).to_numpy(zero_copy_only=False))

@@ -152,7 +152,8 @@ def _build_set(patterns: tuple[str, ...]):
 
 
 # An unanchored ``re2.Set`` of ``patterns``, compiled once per process; ``Match(bytes)`` returns the
-# indices of every pattern the text matches, or None.
+# indices of every pattern the text matches, or None (``_set.Match``, the binding under it: a list,
+# empty for None, without the wrapper's type check — 0.35 µs per text).
 compiled_set = functools.lru_cache(maxsize=16)(_build_set)
 
 
@@ -305,13 +306,13 @@ def _scan(policy, side: Side) -> dict[str, _Scan]:
     for target in {r.target for r in policy.rules if r.plan.engine == "re2"}:
         texts = side.prompts if target == "prompt" else side.responses
         patterns = set_patterns(policy.rules, target)
-        match = compiled_set(patterns).Match
+        match = compiled_set(patterns)._set.Match  # the binding itself: a list, empty when the DFA gave up
         data, off = utf8_rows(texts)
         failed = np.zeros(n, dtype=bool)
         per: list[list[int]] = [[] for _ in patterns]
         for i in rows:
             found = match(data[off[i]: off[i + 1]])
-            if found is None:  # the sentinel matches every text: nothing back means the DFA gave up
+            if not found:  # the sentinel matches every text: nothing back means the DFA gave up
                 failed[i] = True
             elif len(found) > 1:
                 for k in found:
