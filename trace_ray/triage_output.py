@@ -46,6 +46,12 @@ DICTIONARY_COLUMNS = ["meta", "chosen_verdict", "rejected_verdict", "reasons", "
 COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "brotli", "none")
 
 
+def check_compression(compression: str) -> None:
+    """A ``ValueError`` naming the choices unless ``compression`` is one of ``COMPRESSIONS``."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # the summary: partial per write task, merged on the driver
 
@@ -308,8 +314,7 @@ def write_triaged(ds, out_dir: str, rule_names: list[str], *, outputs: dict[str,
     equal theirs), one part file per task — what ``run_triage`` does for inputs of many bounded
     files (:func:`fuse_write`). Otherwise the write is an operator of its own, one block per task.
     ``compression``: the part files' Parquet codec, one of ``COMPRESSIONS``."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    check_compression(compression)
     outputs = outputs or {"train": "triaged.parquet"}
     sink = triaged_sink(str(out_dir), outputs, split_column, rule_names, extra, compression)
     # A memory reservation of its own (a worker plus one block, its Parquet encoding and summary)

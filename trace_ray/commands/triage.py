@@ -72,7 +72,7 @@ def register(subparsers) -> None:
                         "rules (default: 4096)")
     p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "lz4", "gzip", "brotli", "none"],
                    help="Parquet codec of the output part files: snappy (Ray's and pyarrow's default), zstd "
-                        "(about as fast here, files ~38%% smaller), none (fastest: compression is ~7 of the ~40 "
+                        "(about as fast here, files ~38%% smaller), none (fastest: compression is ~7 of the ~35 "
                         "CPU-microseconds a 200-2,000-character row costs; files ~1.7x larger), lz4, gzip "
                         "(slow), brotli (default: snappy)")
     p.add_argument("--num-actors", type=int, default=None,
