@@ -59,13 +59,17 @@ def check_resolvable(records, columns: list[str], policy, fmt: str, *, sample: i
     """Raise ``MostlyUnresolved`` when one reason leaves ``share`` of the first ``sample`` records
     unresolved; else return ``{"rows": n, "unresolved": {kind: count}}``."""
     from trace_ray.triage_output import reason_kind
-    from trace_ray.triage_rows import triage_records
 
     rows = list(islice(records, sample))
     if not rows:
         return {"rows": 0, "unresolved": {}}
-    if policy is not None and not policy.has_judge:
-        filed = triage_records(policy, rows)
+    if policy is not None and not policy.has_judge:  # the vectorised rules: ~100x the row-wise ones on long texts
+        import pyarrow as pa
+
+        from trace_ray.data.readers import READ_SCHEMA
+        from trace_ray.triage import triage_table
+
+        filed = triage_table(policy, pa.Table.from_pylist(rows, schema=READ_SCHEMA)).to_pylist()
     else:  # a judge cannot run here: only the reader's verdict on each row
         filed = [{"category": "unresolved", "chosen_verdict": "error", "rejected_verdict": "error",
                   "reasons": {"error": r["_error"]}} for r in rows if r.get("_error")]

@@ -40,9 +40,16 @@ def utf8_rows(arr) -> tuple[memoryview, list[int]]:
 def row_ids(prompt, chosen, rejected) -> pa.Array:
     """``schema.row_id`` of every row, hashed from the UTF-8 bytes in the Arrow buffers (no nulls)."""
     (pd, po), (cd, co), (rd, ro) = (utf8_rows(a) for a in (prompt, chosen, rejected))
-    sep, sha = b"\x1f", hashlib.sha256
-    return pa.array([sha(b"".join((pd[po[i]: po[i + 1]], sep, cd[co[i]: co[i + 1]], sep, rd[ro[i]: ro[i + 1]], sep)))
-                     .hexdigest()[:16] for i in range(len(prompt))], pa.string())
+    sep, sha, ids = b"\x1f", hashlib.sha256, []
+    for i in range(len(prompt)):  # the texts fed from the buffers in place (no joined copy)
+        h = sha(pd[po[i]: po[i + 1]])
+        h.update(sep)
+        h.update(cd[co[i]: co[i + 1]])
+        h.update(sep)
+        h.update(rd[ro[i]: ro[i + 1]])
+        h.update(sep)
+        ids.append(h.hexdigest()[:16])
+    return pa.array(ids, pa.string())
 
 
 def maybe_blank(arr) -> np.ndarray:
