@@ -346,3 +346,22 @@ def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):
     assert "s.json:item 2: an escape that is half a surrogate pair ('\\ud800')" in recs[1]["_error"]
     with open(arr, "rb") as f:
         assert pa.concat_tables(list(src._read_stream(f, str(arr)))).to_pylist() == recs
+
+
+def test_maybe_blank_flags_every_blank_or_null_row_from_the_first_byte():
+    """The columnar readers and triage look at Python only for rows ``maybe_blank`` flags: every
+    null, empty or whitespace-only row (Unicode spaces too) must be among them, and a row starting
+    with an ASCII graphic character must not (sliced arrays and large strings included)."""
+    from trace_ray.data.columnar import maybe_blank
+
+    rng = random.Random(0)
+    pieces = ["", " ", "\t", "\n", "\u3000", "\xa0", "a", "Z", "~", "!", "\x7f", "é", "日", "x y", "\x00"]
+    for _ in range(200):
+        vals = [None if rng.random() < 0.1 else "".join(rng.choices(pieces, k=rng.randint(0, 3)))
+                for _ in range(rng.randint(1, 30))]
+        for typ in (pa.string(), pa.large_string()):
+            arr = pa.array(vals, typ)
+            for start in (0, min(3, len(vals) - 1)):
+                got, sub = maybe_blank(arr.slice(start)), vals[start:]
+                assert all(got[i] for i, v in enumerate(sub) if v is None or not v.strip())
+                assert not any(got[i] for i, v in enumerate(sub) if v and "!" <= v[0] <= "~")
