@@ -5,6 +5,7 @@ from the raw rows in plain Python; triage runs on Ray Data."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections import Counter
@@ -18,6 +19,7 @@ from test_triage import HH_POLICY, PKU_POLICY, _category, _sha_id, hh_bad
 from trace_ray.data.readers import detect_format, iter_records
 from trace_ray.policy import load_policy
 from trace_ray.preflight import MostlyUnresolved, check_resolvable
+from trace_ray.triage import triage_table_records
 
 # (question, an answer the HH policy accepts, one it flags)
 BASE = [
@@ -208,14 +210,18 @@ def test_preflight_names_the_reason_and_the_flag(tmp_path, hh_path):
         check_resolvable(iter(recs), ["bad", "good", "question"], pol, "pairs")
     # the oracle's reasons count too: a PKU metadata policy on HH text cannot decide anything
     hh = list(iter_records(hh_path))[:1000]
-    with pytest.raises(MostlyUnresolved, match="use --format pku"):
-        check_resolvable(iter(hh), ["chosen", "rejected"], load_policy(PKU_POLICY), "hh")
+    pku = load_policy(PKU_POLICY)
+    for file_rows in (None, functools.partial(triage_table_records, pku)):  # row-wise, and as run_triage files them
+        with pytest.raises(MostlyUnresolved, match="use --format pku"):
+            check_resolvable(iter(hh), ["chosen", "rejected"], pku, "hh", file_rows=file_rows)
     # the 4-of-6 malformed test file is not "mostly one reason": no stop
     from test_readers import write_malformed
 
     write_malformed(tmp_path / "bad.jsonl")
     got = check_resolvable(iter_records(tmp_path / "bad.jsonl", "pairs"), [], pol, "pairs")
     assert got["rows"] == 6 and sum(got["unresolved"].values()) == 4
+    assert check_resolvable(iter_records(tmp_path / "bad.jsonl", "pairs"), [], pol, "pairs",
+                            file_rows=functools.partial(triage_table_records, pol)) == got
 
 
 def _triaged(out: Path) -> list[dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import functools
 import gzip
 import hashlib
@@ -184,12 +186,19 @@ def test_meta_error_verdict_is_unresolved():
 
 def test_cli(ray_session, pku_path, tmp_path, capsys):
     rc = main(["triage", "--data", str(pku_path), "--policy", str(PKU_POLICY), "--out", str(tmp_path),
-               "--format", "pku", "--pku-chosen", "safer", "--no-progress"])
+               "--format", "pku", "--pku-chosen", "safer", "--compression", "zstd", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert f"triage: 50 pairs  policy {saved['policy']}" in text and "rule hits" in text
     assert saved["pku_chosen"] == "safer" and sum(saved["counts"].values()) == 50
+    assert saved["compression"] == "zstd"
+    from trace_ray.cli import build_parser
+    from trace_ray.triage_output import COMPRESSIONS
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (codecs,) = [a.choices for a in sub.choices["triage"]._actions if a.dest == "compression"]
+    assert tuple(codecs) == COMPRESSIONS  # --help offers exactly what the writer takes
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nversion: 1\nrules:\n  - {name: a, kind: regex, pattern: '(('}\n")
     assert main(["triage", "--data", str(pku_path), "--policy", str(bad), "--out", str(tmp_path / "o")]) == 2
