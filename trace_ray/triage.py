@@ -56,8 +56,8 @@ def triage_table(policy: Policy, table) -> Any:
 
 
 def triage_table_records(policy: Policy, records: list[dict]) -> list[dict]:
-    """``triage_records``' rows (reasons as JSON text) from the vectorised rules: canonical record
-    dicts through one ``triage_table`` batch (the pre-flight sample of ``run_triage``)."""
+    """The rows ``triage_records`` gives, from the vectorised rules: canonical record dicts through
+    one ``triage_table`` batch (the pre-flight sample of ``run_triage``)."""
     import pyarrow as pa
 
     from trace_ray.data.readers import READ_SCHEMA
