@@ -66,7 +66,9 @@ def parse_args(argv=None):
                    help="response length range in characters (default 200 2000; the real HH test file: ~190 mean)")
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="local Ray CPU counts to run (default 1 2)")
     p.add_argument("--loop-rows", type=int, default=100_000, help="rows for the plain loop (default 100000)")
-    p.add_argument("--compression", default="snappy", choices=["snappy", "zstd", "lz4", "gzip", "brotli", "none"],
+    from trace_ray.triage_output import COMPRESSIONS
+
+    p.add_argument("--compression", default="snappy", choices=COMPRESSIONS,
                    help="Parquet codec of the Ray runs' output (run_triage's compression; default snappy)")
     p.add_argument("--no-equality", action="store_true", help="skip the row-for-row check of every row")
     p.add_argument("--judge-pairs", type=int, default=0, help="pairs for the HF judge measurement (default 0: skip)")

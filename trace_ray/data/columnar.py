@@ -28,13 +28,18 @@ def contiguous(col) -> pa.Array:
     return col
 
 
+def _utf8_offsets(arr) -> tuple[pa.Buffer | None, np.ndarray]:
+    """A string array's UTF-8 data buffer and its rows' byte offsets in it (numpy, no copy)."""
+    _, offsets, data = arr.buffers()
+    width = np.int64 if arr.type == pa.large_string() else np.int32
+    return data, np.frombuffer(offsets, dtype=width)[arr.offset: arr.offset + len(arr) + 1]
+
+
 def utf8_rows(arr) -> tuple[memoryview, list[int]]:
     """A string array's UTF-8 data buffer and the byte offsets of its rows in it (no copy): row i
     is ``data[off[i]:off[i + 1]]``."""
-    _, offsets, data = arr.buffers()
-    width = np.int64 if arr.type == pa.large_string() else np.int32
-    off = np.frombuffer(offsets, dtype=width)[arr.offset: arr.offset + len(arr) + 1].tolist()
-    return (memoryview(data) if data is not None else memoryview(b"")), off
+    data, off = _utf8_offsets(arr)
+    return (memoryview(data) if data is not None else memoryview(b"")), off.tolist()
 
 
 def row_ids(prompt, chosen, rejected) -> pa.Array:
@@ -56,9 +61,7 @@ def maybe_blank(arr) -> np.ndarray:
     """Rows that might be empty or only whitespace (or are null): those not starting with an ASCII
     graphic character, read from the first byte in the Arrow buffer. The few it returns are checked
     in Python."""
-    _, offsets, data = arr.buffers()
-    width = np.int64 if arr.type == pa.large_string() else np.int32
-    off = np.frombuffer(offsets, dtype=width)[arr.offset: arr.offset + len(arr) + 1]
+    data, off = _utf8_offsets(arr)
     start, end = off[:-1], off[1:]
     out = start == end
     if data is not None and data.size:
