@@ -348,6 +348,25 @@ def test_an_escaped_lone_surrogate_is_a_malformed_row_not_a_crash(tmp_path):
         assert pa.concat_tables(list(src._read_stream(f, str(arr)))).to_pylist() == recs
 
 
+def test_holding_finds_exactly_the_rows_that_contain_the_needle():
+    """``holding`` (the "[{" check of conversation prompts) equals ``needle in row`` on every row:
+    a needle split across two rows (its bytes side by side in the buffer, in no row) is in
+    neither; sliced arrays, large strings, nulls and empty arrays included."""
+    from trace_ray.data.columnar import holding
+
+    rng = random.Random(1)
+    pieces = ["[", "{", "[{", "a", " ", "}", "]", "é", ""]
+    for _ in range(300):
+        vals = [None if rng.random() < 0.1 else "".join(rng.choices(pieces, k=rng.randint(0, 4)))
+                for _ in range(rng.randint(0, 12))]
+        for typ in (pa.string(), pa.large_string()):
+            arr = pa.array(vals, typ)
+            for start in {0, min(2, len(vals))}:
+                got, sub = holding(arr.slice(start), "[{"), vals[start:]
+                assert got.tolist() == [v is not None and "[{" in v for v in sub], sub
+    assert holding(pa.array(["ab[", "{cd"]), "[{").tolist() == [False, False]  # only across the rows
+
+
 def test_maybe_blank_flags_every_blank_or_null_row_from_the_first_byte():
     """The columnar readers and triage look at Python only for rows ``maybe_blank`` flags: every
     null, empty or whitespace-only row (Unicode spaces too) must be among them, and a row starting

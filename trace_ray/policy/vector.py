@@ -195,12 +195,11 @@ class Side:
         """What the rules read as the prompt (conversations → their last user turn)."""
         if self._prompts is None:
             import pyarrow as pa
-            import pyarrow.compute as pc
 
             from trace_ray.chat import last_user_turn
+            from trace_ray.data.columnar import holding
 
-            convo = np.flatnonzero(pc.fill_null(pc.match_substring(self.raw_prompts, "[{"), False)
-                                   .to_numpy(zero_copy_only=False))
+            convo = np.flatnonzero(holding(self.raw_prompts, "[{"))
             if convo.size:
                 texts = self.raw_prompts.to_pylist()
                 for i in convo.tolist():
@@ -267,12 +266,12 @@ def check_columns(policy, side: Side) -> tuple[np.ndarray, dict[int, list[str]]]
         nc = ~comp & ~err
     codes = np.where(nc, 1, np.where(err, 2, 0)).astype(np.int8)
     codes[~side.active] = 0
-    reasons: dict[int, list[str]] = {}
-    names = [r.name for r in policy.rules]
-    for i in np.flatnonzero(codes).tolist():
-        want = HIT if codes[i] == 1 else UNDECIDED
-        reasons[i] = [f"{names[k]}: {infos[k][i]}" if infos[k].get(i) else names[k]
-                      for k in range(len(names)) if st[k, i] == want]
+    reasons: dict[int, list[str]] = {}  # per rule, in the policy's order: Python per named rule only
+    named = st == np.where(codes == 1, HIT, np.where(codes == 2, UNDECIDED, -1)).astype(np.int8)
+    for rule, info, rows in zip(policy.rules, infos, named):
+        for i in np.flatnonzero(rows).tolist():
+            text = info.get(i)
+            reasons.setdefault(i, []).append(f"{rule.name}: {text}" if text else rule.name)
     return codes, reasons
 
 
