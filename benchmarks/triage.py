@@ -17,9 +17,12 @@ rule). Each measurement runs in its own fresh process (clean memory figures):
 - ``plain_loop``: ``iter_records`` + ``triage_records`` (the row-wise reference) + one
   ``ParquetWriter``, one process, over the first ``--loop-rows`` rows (default 100,000).
 - ``ray``: ``run_triage`` on a fresh local Ray with 1 and 2 CPUs, on ``--small`` and ``--pairs`` rows,
-  after a warm-up run on one shard (worker start-up and imports excluded, as on a long-lived
-  cluster). Peak RSS of the driver and of the Ray worker processes, and the CPU seconds of all of
-  them (sampled every 0.5 s; on a shared machine rows per CPU-second is the steadier figure).
+  after a warm-up run on one shard per CPU (so that every worker has started and imported
+  before the clock starts, as on a long-lived cluster; the warm-up's own time is recorded as
+  ``warmup_s``), then ``--repeats`` measured runs (default 3; the cell's figures are the median
+  run's, every run is listed under ``runs``). Peak RSS of the driver and of the Ray worker
+  processes (the largest of the runs), and the CPU seconds of all of them, of which the kernel's
+  (sampled every 0.5 s; on a shared machine rows per CPU-second is the steadier figure).
 - ``equality``: the 2-CPU output of the largest run against the row-wise reference
   (``triage_records``) on EVERY row (2 processes, one shard at a time), row for row: id, meta,
   verdicts, reasons, category.
@@ -70,6 +73,9 @@ def parse_args(argv=None):
 
     p.add_argument("--compression", default="snappy", choices=COMPRESSIONS,
                    help="Parquet codec of the Ray runs' output (run_triage's compression; default snappy)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured runs of each Ray cell, one after another on the same workers; the cell reports "
+                        "the median run (of an even count, the slower middle one) and lists every run (default 3)")
     p.add_argument("--no-equality", action="store_true", help="skip the row-for-row check of every row")
     p.add_argument("--judge-pairs", type=int, default=0, help="pairs for the HF judge measurement (default 0: skip)")
     p.add_argument("--policy", default=str(POLICY), help="rule policy YAML (default: the HH text policy)")
@@ -137,16 +143,17 @@ def generate(folder: Path, pairs: int, per_shard: int, fmt: str, data: str, seed
 # ----------------------------------------------------------------------------------- memory
 class Peak:
     """Peak RSS (MB) of this process and of the Ray worker processes below it, and the CPU seconds
-    this process and every process below it used (sampled every 0.5 s): on a shared machine the
-    CPU seconds show what the run cost where the wall time also shows who else ran."""
+    this process and every process below it used (sampled every 0.5 s), and how many of them the
+    kernel spent (system time: page cache, reads and writes): on a shared machine the CPU seconds
+    show what the run cost where the wall time also shows who else ran."""
 
     def __init__(self):
         import psutil
 
         self.me = psutil.Process()
         self.driver = self.worker_max = self.worker_sum = 0.0
-        self.cpu0: dict[int, float] = {}
-        self.cpu1: dict[int, float] = {}
+        self.cpu0: dict[int, tuple[float, float]] = {}  # pid -> (user, system) seconds
+        self.cpu1: dict[int, tuple[float, float]] = {}
         self.kind: dict[int, str] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -158,7 +165,7 @@ class Peak:
             try:
                 worker = p is not self.me and p.cmdline()[:1] and p.cmdline()[0].startswith("ray::")
                 t = p.cpu_times()
-                used = t.user + t.system
+                used = (t.user, t.system)
                 self.kind.setdefault(p.pid, "driver" if p is self.me else "workers" if worker else "ray_services")
                 if first:
                     self.cpu0[p.pid] = used
@@ -188,10 +195,14 @@ class Peak:
 
     def to_dict(self) -> dict:
         split: dict[str, float] = {}
-        for pid, v in self.cpu1.items():
-            split[self.kind[pid]] = split.get(self.kind[pid], 0.0) + v - self.cpu0.get(pid, 0.0)
+        system = 0.0
+        for pid, (user, sys_) in self.cpu1.items():
+            user0, sys0 = self.cpu0.get(pid, (0.0, 0.0))
+            split[self.kind[pid]] = split.get(self.kind[pid], 0.0) + user - user0 + sys_ - sys0
+            system += sys_ - sys0
         return {"driver_peak_rss_mb": round(self.driver, 1), "worker_peak_rss_mb": round(self.worker_max, 1),
                 "workers_sum_peak_rss_mb": round(self.worker_sum, 1), "cpu_seconds": round(sum(split.values()), 2),
+                "cpu_system_seconds": round(system, 2),
                 "cpu_seconds_by_process": {k: round(v, 2) for k, v in sorted(split.items())}}
 
 
@@ -267,20 +278,26 @@ def cell_ray(spec: dict) -> dict:
     from trace_ray.triage import run_triage
 
     ensure_ray(num_cpus=spec["cpus"])
+    t = time.perf_counter()
     run_triage(spec["warmup"], spec["policy"], spec["out"] + "_warmup", "pairs", show_progress=False)
-    with Peak() as mem:
-        t = time.perf_counter()
-        s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False,
-                       compression=spec["compression"])
-        secs = time.perf_counter() - t
-    m = mem.to_dict()
+    warmup_s = time.perf_counter() - t
+    runs = []
+    for _ in range(spec["repeats"]):  # each run replaces the last one's output
+        with Peak() as mem:
+            t = time.perf_counter()
+            s = run_triage(spec["data"], spec["policy"], spec["out"], "pairs", show_progress=False,
+                           compression=spec["compression"])
+            secs = time.perf_counter() - t
+        m = mem.to_dict()
+        runs.append({"seconds": round(secs, 2), "rows_per_s": round(s["total"] / secs, 1),
+                     "rows_per_cpu_s": round(s["total"] / m["cpu_seconds"], 1), **m})
+    head = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run (of two: the slower)
+    memory = {k: max(r[k] for r in runs) for k in ("driver_peak_rss_mb", "worker_peak_rss_mb", "workers_sum_peak_rss_mb")}
     out_mb = sum(f.stat().st_size for f in (Path(spec["out"]) / "triaged.parquet").glob("*.parquet")) / 2**20
-    return {"rows": s["total"], "cpus": spec["cpus"], "seconds": round(secs, 2), "compression": spec["compression"],
-            "output_mb": round(out_mb),
-            "rows_per_s": round(s["total"] / secs, 1), "rows_per_cpu_s": round(s["total"] / m["cpu_seconds"], 1),
+    return {"rows": s["total"], "cpus": spec["cpus"], "warmup_s": round(warmup_s, 2), "compression": spec["compression"],
+            "output_mb": round(out_mb), **head, **memory, "runs": runs,
             "counts": s["counts"], "engines": s["engines"],
-            "part_files": len([f for f in os.listdir(Path(spec["out"]) / "triaged.parquet") if f.endswith(".parquet")]),
-            **m}
+            "part_files": len([f for f in os.listdir(Path(spec["out"]) / "triaged.parquet") if f.endswith(".parquet")])}
 
 
 def cell_judge(spec: dict) -> dict:
@@ -363,6 +380,8 @@ CELLS = {"regex_limit": cell_regex_limit, "plain_loop": cell_plain_loop, "ray": 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     if args.cell:
         spec = json.loads(args.cell)
         print(json.dumps(CELLS[spec["kind"]](spec)))
@@ -377,7 +396,7 @@ def main(argv=None) -> int:
     gen_s = time.perf_counter() - t
     sizes = sorted({min(args.small, args.pairs), args.pairs})
     folders = {n: subset(work, files, n, args.rows_per_shard, f"rows_{n}") for n in sizes}
-    warm = subset(work, files, 1, args.rows_per_shard, "warmup")
+    warm = subset(work, files, args.rows_per_shard * max(args.cpus), args.rows_per_shard, "warmup")  # a shard per CPU
     result: dict = {
         "benchmark": "rule triage at scale: Ray Data (vectorised rules, writers on the workers) vs a plain "
                      "single-process loop (row-wise) vs the bare regex limit, same data, same run",
@@ -395,7 +414,7 @@ def main(argv=None) -> int:
         for cpus in args.cpus:
             result["ray"].append(run_cell({"kind": "ray", "cpus": cpus, "policy": policy, "data": str(folders[n]),
                                            "warmup": str(warm), "out": str(work / f"out_{n}_{cpus}"),
-                                           "compression": args.compression}))
+                                           "compression": args.compression, "repeats": args.repeats}))
     loop_rows = min(args.loop_rows, args.pairs)
     result["plain_loop"] = run_cell({"kind": "plain_loop", "policy": policy, "data": str(work / "data"),
                                      "rows": loop_rows, "out": str(work / "loop.parquet")})
