@@ -30,6 +30,11 @@ def _adapter(out):
 
 
 def _compare(ray_out, local, rtol):
+    """The Ray run's metrics equal the in-process run's to ``rtol``. The impact-weighted losses
+    (``L_I``, ``L_II``) are held to ``rtol`` of their unweighted value: the weights have mean 1,
+    and a row whose weight is near 0 (a difference of two close losses, over ``fd``'s step) keeps
+    only its absolute precision when another summation order (ZeRO-3's gathers) computes it — on
+    an AMD EPYC host, a weight of 9e-4 came out 2.6e-6 apart, 0.3 % of itself."""
     a, b = _lines(ray_out), local["metrics"]
     assert [l["step"] for l in a] == [l["step"] for l in b]
     for x, y in zip(a, b):
@@ -37,7 +42,8 @@ def _compare(ray_out, local, rtol):
             if y[k] is None:
                 assert x[k] is None
             else:
-                assert x[k] == pytest.approx(y[k], rel=rtol, abs=1e-7), (k, x["step"])
+                scale = abs(y[f"raw_{k}"]) if k in ("L_I", "L_II") and y.get(f"raw_{k}") is not None else 0.0
+                assert x[k] == pytest.approx(y[k], rel=rtol, abs=max(1e-7, rtol * scale)), (k, x["step"])
     mine = {n: p.detach() for n, p in local["model"].named_parameters() if p.requires_grad}
     theirs = _adapter(ray_out)
     assert len(theirs) == len(mine)
