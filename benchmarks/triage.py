@@ -1,6 +1,6 @@
 """Benchmark: rule triage at scale — Ray Data vs a plain loop vs the bare regex limit, same run.
 
-    .venv/bin/python benchmarks/triage.py                          # 1,000,000 and 100,000 pairs (~15 min idle)
+    .venv/bin/python benchmarks/triage.py                          # 1,000,000 and 100,000 pairs (~10 min idle)
     .venv/bin/python benchmarks/triage.py --input parquet          # the same rows as Parquet shards
     .venv/bin/python benchmarks/triage.py --pairs 200000 --small 50000 --loop-rows 20000   # a quick look
     .venv/bin/python benchmarks/triage.py --judge-pairs 16           # + the HF judge on CPU (SmolLM2)

@@ -33,6 +33,7 @@ from typing import Any
 
 from trace_ray.data.schema import CATEGORIES, TRIAGED
 from trace_ray.policy import Policy, load_policy
+from trace_ray.triage_output import PLAIN_REASONS
 from trace_ray.triage_rows import triage_records  # noqa: F401  (the row-wise reference, re-exported)
 
 
@@ -114,8 +115,7 @@ def _triage_table(policy: Policy, table) -> Any:
     cat = {c: i for i, c in enumerate(CATEGORIES)}  # categorize(), on code arrays
     category = np.select([~active, cv == 0, (cv == 1) & (rv == 0), (cv == 1) & (rv == 1)],
                          [cat["unresolved"], cat["retain"], cat["invert"], cat["punish"]], cat["unresolved"])
-    plain = json.dumps({"chosen": [], "rejected": []})
-    out_reasons = [plain] * n
+    out_reasons = [PLAIN_REASONS] * n
     encoded: dict[tuple, str] = {}  # the same reasons recur (a keyword, a rule): their JSON once
     for i in np.flatnonzero(~active | (cv != 0) | (rv != 0)).tolist():
         if errors[i] is not None:
